@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random models of every supported family, and the embedded model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+VOCAB = 96
+
+TINY_CONFIGS = {
+    "gpt2": dict(n_layer=2, n_embd=32, n_head=2, n_positions=128),
+    "llama": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64),
+    "mistral": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64),
+    "qwen2": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64),
+    "gpt_neox": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64),
+    "opt": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=128),
+    "gemma": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, head_dim=16),
+    "gemma2": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, head_dim=16),
+    "phi": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64),
+    "phi3": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64),
+}
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random, tiny ``*ForCausalLM`` of ``model_type`` in eval mode (float32)."""
+    torch.manual_seed(seed)
+    kwargs = dict(TINY_CONFIGS[model_type], vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def any_tiny(request) -> torch.nn.Module:
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct and its tokenizer (loaded once per test session)."""
+    from steer import load_model
+
+    return load_model()
