@@ -12,6 +12,8 @@ import sys
 
 COMMAND_MODULES = [
     "steer.commands",
+    "evaluation.commands",
+    "ui.commands",
 ]
 
 

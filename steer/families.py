@@ -21,7 +21,7 @@ class Family:
 
     name: str
     model_types: tuple[str, ...]
-    layers: str  # the ModuleList of decoder blocks
+    layers: str  # the ModuleList of decoder blocks (``a|b``: first path that exists)
     ffn_out: str  # relative to a block: the projection whose *input* holds the coefficients
     value_layout: Literal["rows", "columns"]  # value vectors are rows or columns of ffn_out.weight
     final_norm: str
@@ -37,7 +37,7 @@ FAMILIES: tuple[Family, ...] = (
         "model.layers", "mlp.down_proj", "columns", "model.norm", "lm_head",
     ),
     Family("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "mlp.dense_4h_to_h", "columns",
-           "gpt_neox.final_layer_norm", "embed_out"),
+           "gpt_neox.final_layer_norm", "lm_head|embed_out"),
     Family("opt", ("opt",), "model.decoder.layers", "fc2", "columns", "model.decoder.final_layer_norm",
            "lm_head", pre_unembed="model.decoder.project_out"),
     Family("gemma", ("gemma", "gemma2"), "model.layers", "mlp.down_proj", "columns", "model.norm", "lm_head"),
@@ -69,8 +69,11 @@ def family_of(model: nn.Module) -> Family:
 
 
 def _get(root: nn.Module, path: str | None) -> nn.Module | None:
+    """The submodule at a dotted ``path``; ``a|b`` tries alternatives (names differ across versions)."""
     if path is None:
         return None
+    if "|" in path:
+        return next((m for p in path.split("|") if (m := _get(root, p)) is not None), None)
     module: nn.Module | None = root
     for part in path.split("."):
         module = getattr(module, part, None)

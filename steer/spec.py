@@ -11,6 +11,7 @@ hand, produced by ``steer detox build``, downloaded from the UI and diffed in re
 
 Ops act on the coefficient ``a`` feeding the FFN output projection: ``scale`` gives ``a*v``,
 ``set`` gives ``v``, ``add`` gives ``a+v``. Several edits of one vector compose in order.
+An optional ``layers`` list holds layer ops (skip, reorder, parallel, repeat; see steer/layers.py).
 """
 from __future__ import annotations
 
@@ -81,11 +82,12 @@ class Spec:
     edits: tuple[Edit, ...] = ()
     model: ModelShape | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    layers: tuple = ()  # LayerOp items (steer/layers.py), applied by the same steering() call
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
-    def build(cls, name: str, edits, model=None, **meta: Any) -> "Spec":
-        """From ``(layer, index, op, value)`` tuples or ``("L3.N5", op, value)`` triples."""
+    def build(cls, name: str, edits, model=None, layers=(), **meta: Any) -> "Spec":
+        """From ``(layer, index, op, value)`` tuples or ``("L3.N5", op, value)`` triples; ``layers``: LayerOps or dicts."""
         parsed = []
         for item in edits:
             if isinstance(item, Edit):
@@ -95,13 +97,14 @@ class Spec:
                 parsed.append(Edit(vector.layer, vector.index, item[1], item[2]))
             else:
                 parsed.append(Edit(*item))
-        spec = cls(name, tuple(parsed), ModelShape.of(model) if model is not None else None, meta)
+        spec = cls(name, tuple(parsed), ModelShape.of(model) if model is not None else None, meta,
+                   _layer_ops(layers, "layers"))
         if model is not None:
             spec.validate(model)
         return spec
 
     def with_edits(self, edits, name: str | None = None) -> "Spec":
-        return Spec(name or self.name, tuple(edits), self.model, dict(self.meta))
+        return Spec(name or self.name, tuple(edits), self.model, dict(self.meta), self.layers)
 
     # -- (de)serialization -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -111,15 +114,17 @@ class Spec:
         if self.meta:
             out["meta"] = self.meta
         out["edits"] = [e.to_dict() for e in self.edits]
+        if self.layers:
+            out["layers"] = [op.to_dict() for op in self.layers]
         return out
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "spec") -> "Spec":
         if not isinstance(data, dict):
             raise SpecError(f"{source}: expected a mapping with 'name' and 'edits'")
-        unknown = set(data) - {"name", "model", "edits", "meta"}
+        unknown = set(data) - {"name", "model", "edits", "meta", "layers"}
         if unknown:
-            raise SpecError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: name, model, edits, meta")
+            raise SpecError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: name, model, edits, meta, layers")
         if not isinstance(data.get("name"), str) or not data["name"]:
             raise SpecError(f"{source}: 'name' must be a non-empty string")
         edits = []
@@ -138,7 +143,8 @@ class Spec:
                 model = ModelShape(**model)
             except TypeError:
                 raise SpecError(f"{source}: 'model' needs name, n_layers, d_ff, d_model; got {model!r}") from None
-        return cls(data["name"], tuple(edits), model, dict(data.get("meta") or {}))
+        layers = _layer_ops(data.get("layers") or [], f"{source}: layers")
+        return cls(data["name"], tuple(edits), model, dict(data.get("meta") or {}), layers)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -177,4 +183,19 @@ class Spec:
                 raise SpecError(f"{edit.name}: unknown layer {edit.layer}; this model has layers 0..{shape.n_layers - 1}")
             if edit.index >= shape.d_ff:
                 raise SpecError(f"{edit.name}: index {edit.index} out of range; layers have {shape.d_ff} value vectors")
+        if self.layers:
+            from .layers import check_ops_for
+
+            check_ops_for(model, self.layers, f"spec {self.name!r}: layers")
         return self
+
+
+def _layer_ops(items, where: str) -> tuple:
+    """Parse layer ops (LayerOp or dict items) and check they do not overlap."""
+    from .layers import LayerOp, check_ops
+
+    if not isinstance(items, (list, tuple)):
+        raise SpecError(f"{where} must be a list of layer ops, e.g. [{{op: skip, layers: [3]}}]")
+    ops = tuple(x if isinstance(x, LayerOp) else LayerOp.from_dict(x, f"{where}[{i}]") for i, x in enumerate(items))
+    check_ops(ops, None, where)
+    return ops

@@ -23,6 +23,7 @@ import torch
 from transformers import LogitsProcessor
 
 from .families import Adapter
+from .layers import layer_ops, shared_ops
 from .spec import Spec
 
 SpecLike = Spec | None
@@ -74,6 +75,7 @@ def compile_specs(model: torch.nn.Module, specs: Specs) -> dict[int, _LayerEdit]
     for spec in rows:
         if spec is not None:
             spec.validate(model)
+    shared_ops(rows)  # layer ops: one set for the whole batch
     per_layer: dict[int, list[int]] = {}
     for spec in rows:
         for edit in spec.edits if spec is not None else ():
@@ -103,14 +105,15 @@ def compile_specs(model: torch.nn.Module, specs: Specs) -> dict[int, _LayerEdit]
 
 @contextmanager
 def steering(model: torch.nn.Module, specs: Specs) -> Iterator[None]:
-    """Apply ``specs`` to every forward inside the block; hooks are removed on any exit."""
+    """Apply ``specs`` (value-vector edits and layer ops) to every forward inside the block; undone on any exit."""
     adapter = Adapter(model)
     compiled = compile_specs(model, specs)
     handles = []
     try:
         for layer, edit in compiled.items():
             handles.append(adapter.ffn_out(layer).register_forward_pre_hook(edit))
-        yield
+        with layer_ops(model, shared_ops(specs)):
+            yield
     finally:
         for handle in handles:
             handle.remove()

@@ -75,8 +75,8 @@ class VocabIndex:
               dtype: torch.dtype | None = None, cache: bool = True, progress: bool = False) -> "VocabIndex":
         """Index all value vectors of ``model`` (cached on disk keyed by the weights)."""
         adapter = Adapter(model)
-        path = cache_dir() / "index" / f"{weights_key(adapter, k, through_norm)}.pt"
-        if cache and path.exists():
+        path = cache_dir() / "index" / f"{weights_key(adapter, k, through_norm)}.pt" if cache else None
+        if path is not None and path.exists():
             return cls(**torch.load(path))
         device = adapter.unembed.weight.device
         dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
@@ -103,7 +103,7 @@ class VocabIndex:
                     out[f"{side}_ids"][layer, start:end] = ids.to("cpu", torch.int32)
                     out[f"{side}_scores"][layer, start:end] = values.to("cpu", torch.float16)
         index = cls(**out, through_norm=through_norm)
-        if cache:
+        if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             torch.save({**out, "through_norm": through_norm}, tmp)

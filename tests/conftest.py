@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 VOCAB = 96
 
 TINY_CONFIGS = {
-    "gpt2": dict(n_layer=2, n_embd=32, n_head=2, n_positions=128),
+    "gpt2": dict(n_layer=2, n_embd=32, n_head=2, n_positions=128, initializer_range=0.2),
     "llama": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64),
     "mistral": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64),
     "qwen2": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64),
