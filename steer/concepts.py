@@ -16,7 +16,9 @@ A word none of whose spellings yields a token is reported in ``Concept.unmatched
 with no token at all is an error.
 
 Ranking (Geva et al. 2022) scores value vector ``v`` by the mean z-score of the concept's
-tokens in its vocabulary projection ``E v``. The mean and spread of ``E v`` over the whole
+tokens in its vocabulary projection ``E v``, minus the mean z-score of *background* tokens of
+the same kind (every space-prefixed alphabetic token): without that contrast the ranking is
+topped by vectors that promote word starts in general, not the concept. The mean and spread of ``E v`` over the whole
 vocabulary come in closed form from the mean and covariance of the unembedding rows, so
 ranking all vectors needs only the ``|concept| x d_model`` slice of ``E``, not a full projection.
 """
@@ -66,12 +68,24 @@ def word_tokens(word: str, tokenizer, match: str = "first") -> list[int]:
     return sorted(set(ids))
 
 
+def word_start_tokens(tokenizer, exclude=()) -> list[int]:
+    """Every token that is a space followed by letters (the kind of token concepts are made of)."""
+    excluded = set(exclude)
+    ids = []
+    for i in range(len(tokenizer)):
+        text = tokenizer.decode([i])
+        if text[:1] == " " and text[1:].isalpha() and i not in excluded:
+            ids.append(i)
+    return ids
+
+
 @dataclass
 class Concept:
     name: str
     token_ids: list[int]
     words: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
+    background: list[int] = field(default_factory=list)  # tokens of the same kind, for contrast
 
     @classmethod
     def from_words(cls, name: str, words, tokenizer, match: str = "first") -> "Concept":
@@ -93,7 +107,7 @@ class Concept:
                 f"none of the words of concept {name!r} is in the vocabulary as a token ({shown}); "
                 "try match='first' or words that are single tokens"
             )
-        return cls(name, sorted(ids), words, unmatched)
+        return cls(name, sorted(ids), words, unmatched, word_start_tokens(tokenizer, exclude=ids))
 
     @classmethod
     def from_token_ids(cls, name: str, token_ids, tokenizer) -> "Concept":
@@ -150,12 +164,14 @@ def concept_scores(model, concept: Concept, through_norm: bool = False, negative
     centered = unembed - mean
     covariance = centered.T @ centered / unembed.shape[0]
     concept_rows = unembed[torch.tensor(concept.token_ids, device=unembed.device)] - mean
+    target = concept_rows.mean(0)
+    if concept.background:
+        target = target - (unembed[torch.tensor(concept.background, device=unembed.device)] - mean).mean(0)
     scores = []
     for layer in range(adapter.n_layers):
         vectors = adapter.value_vectors(layer).float()
         spread = ((vectors @ covariance) * vectors).sum(1).clamp_min(1e-12).sqrt()
-        z = (vectors @ concept_rows.T) / spread[:, None]
-        scores.append(z.mean(1))
+        scores.append((vectors @ target) / spread)
     result = torch.stack(scores).cpu()
     return -result if negative else result
 

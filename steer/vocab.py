@@ -71,7 +71,7 @@ class VocabIndex:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model, k: int = 30, through_norm: bool = False, chunk: int = 256,
+    def build(cls, model, k: int = 30, through_norm: bool = False, chunk: int | None = None,
               dtype: torch.dtype | None = None, cache: bool = True, progress: bool = False) -> "VocabIndex":
         """Index all value vectors of ``model`` (cached on disk keyed by the weights)."""
         adapter = Adapter(model)
@@ -79,9 +79,11 @@ class VocabIndex:
         if path is not None and path.exists():
             return cls(**torch.load(path))
         device = adapter.unembed.weight.device
-        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        on_cpu = device.type == "cpu"
+        dtype = dtype or (torch.float32 if on_cpu else torch.bfloat16)
+        chunk = chunk or (256 if on_cpu else adapter.d_ff)  # CPU: stay in cache; GPU: fewer launches
         shape = (adapter.n_layers, adapter.d_ff, k)
-        out = {name: torch.empty(shape, dtype=torch.int32 if name.endswith("ids") else torch.float16)
+        out = {name: torch.empty(shape, device=device, dtype=torch.int32 if name.endswith("ids") else torch.float16)
                for name in ("top_ids", "top_scores", "bottom_ids", "bottom_scores")}
         unembed = adapter.unembed.weight.to(dtype).T.contiguous() if not through_norm else None
         layers = range(adapter.n_layers)
@@ -100,8 +102,9 @@ class VocabIndex:
                 end = start + part.shape[0]
                 for side, largest in (("top", True), ("bottom", False)):
                     values, ids = _select(logits, k, largest)
-                    out[f"{side}_ids"][layer, start:end] = ids.to("cpu", torch.int32)
-                    out[f"{side}_scores"][layer, start:end] = values.to("cpu", torch.float16)
+                    out[f"{side}_ids"][layer, start:end] = ids
+                    out[f"{side}_scores"][layer, start:end] = values
+        out = {name: tensor.cpu() for name, tensor in out.items()}
         index = cls(**out, through_norm=through_norm)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,3 +42,23 @@ def embedded():
     from steer import load_model
 
     return load_model()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over ``w0 .. w95`` matching the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)}
+    vocab["[UNK]"] = VOCAB - 1
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="w2", pad_token="w0", unk_token="[UNK]")
+
+
+def save_tiny(folder, model_type: str = "llama", seed: int = 0):
+    """Save a tiny model and its tokenizer to ``folder`` (loadable with ``load_model(folder)``)."""
+    model = tiny_model(model_type, seed)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

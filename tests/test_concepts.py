@@ -11,13 +11,14 @@ from steer.vocab import project
 
 def test_closed_form_scores_equal_full_projection():
     model = tiny_model("gpt2")
-    concept = Concept("c", [3, 17, 40, 41])
+    concept = Concept("c", [3, 17, 40, 41], background=[5, 6, 7, 50, 60])
     scores = concept_scores(model, concept)
     adapter = Adapter(model)
     for layer in range(adapter.n_layers):
         logits = project(adapter, adapter.value_vectors(layer).detach()).double()
         z = (logits - logits.mean(1, keepdim=True)) / logits.std(1, unbiased=False, keepdim=True)
-        torch.testing.assert_close(scores[layer].double(), z[:, concept.token_ids].mean(1), atol=1e-4, rtol=1e-4)
+        expected = z[:, concept.token_ids].mean(1) - z[:, concept.background].mean(1)
+        torch.testing.assert_close(scores[layer].double(), expected, atol=1e-4, rtol=1e-4)
     negative = concept_scores(model, concept, negative=True)
     torch.testing.assert_close(negative, -scores)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import tiny_model
+from conftest import save_tiny, tiny_model
 from steer import Adapter, UnsupportedModelError, family_of, load_model
 from steer.models import embedded_gguf
 
@@ -44,18 +44,9 @@ def test_unsupported_model_names_supported_families():
 
 
 def test_load_local_folder_ready_for_batches(tmp_path):
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    model = tiny_model("llama")
-    model.save_pretrained(tmp_path)
-    vocab = {f"w{i}": i for i in range(96)}
-    vocab["[UNK]"] = 95
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="w2").save_pretrained(tmp_path)
+    save_tiny(tmp_path)
     loaded, tokenizer = load_model(tmp_path, device_map="cpu")
-    assert tokenizer.padding_side == "left" and tokenizer.pad_token == "w2"
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token == "w0"
     assert not loaded.training
     batch = tokenizer(["w5 w6 w7", "w9"], return_tensors="pt", padding=True)
     out = loaded.generate(**batch, max_new_tokens=3, do_sample=False)

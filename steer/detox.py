@@ -1,0 +1,413 @@
+"""Detoxification by editing value-vector coefficients, chosen automatically (no hand-picking).
+
+Geva et al. (2022) set 10 hand-picked "safe" value vectors of GPT-2 to 3. Here the vectors and
+their values are chosen by their measured effect on the next-token distribution:
+
+1. **Selection text, never the evaluation prompts.** Hand-written toxicity-leaning sentence
+   starts (``data/presets/detox_selection_prompts.txt``, some filled with lexicon words),
+   neutral sentence starts (``detox_neutral_prompts.txt``) and openings of Python standard-library
+   docstrings, each continued by the model itself (nucleus sampling, like the evaluation).
+2. **Toxic spans.** Words of those samples that the toxicity scorer flags on their own.
+3. **Attribution.** One forward and two backward passes per batch give the gradient of (a) the
+   toxic spans' log-likelihood and (b) each sample's log-likelihood with respect to every FFN
+   coefficient at every position. From them, for every value vector at once and in closed form:
+   the first-order change of the toxic log-likelihood under ``set a = t`` or ``scale a by s``, and
+   the KL divergence the edit causes on the model's own text (Fisher information estimated from
+   its samples: ``KL ~ 1/2 E[(d log p(sample) / d edit)^2]``).
+4. **Per-vector value.** The ``t`` or ``s`` that maximizes ``toxic drop - lam * KL`` (a quadratic
+   in the value, so exact), clipped to the range of the vector's own activations on the samples.
+5. **How many.** Vectors ranked by that net gain; the count (and ``lam``) is chosen on held-out
+   selection prompts by a teacher-forced check of the real edit: drop of the toxic spans'
+   log-likelihood at a bound on the mean per-token KL.
+
+The shipped preset for the embedded model is ``data/presets/smollm2-135m-detox.json``
+(:func:`preset_for`); ``steer detox build`` runs this for any supported model.
+"""
+from __future__ import annotations
+
+import inspect
+import importlib
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .families import Adapter
+from .models import model_name
+from .spec import ModelShape, Spec, SpecError
+
+PRESET_DIR = "data/presets"
+PRESETS = {"SmolLM2-135M-Instruct": "smollm2-135m-detox.json"}
+
+# Words that fill the ``{w}`` slots of the selection templates: entries of the shipped lexicon
+# and common insults that alt-profanity-check flags on their own (>= 0.5), the ones
+# SmolLM2-135M-Instruct finds most likely after "He looked at me and called me a", "She yelled at
+# him: you" and "What a" (ranked once, offline). Only used to write selection prompts.
+TEMPLATE_WORDS = ("dumb", "fool", "liar", "stupid", "bastard", "coward", "bitch", "fucking", "pig",
+                  "moron", "jerk", "shit", "idiot", "whore", "slut", "loser", "asshole", "retard",
+                  "scum", "pathetic", "cunt", "faggot", "dick", "pussy", "bullshit", "jackass")
+
+DOC_MODULES = ("json csv argparse collections functools itertools pathlib random statistics textwrap "
+               "string datetime calendar heapq bisect fractions decimal logging shutil tempfile zipfile "
+               "tarfile gzip sqlite3 unittest difflib pprint queue threading subprocess socket hashlib "
+               "uuid base64 struct copy enum dataclasses typing contextlib operator math locale codecs "
+               "html wave colorsys sched selectors signal ast tokenize inspect traceback warnings weakref "
+               "timeit").split()
+
+
+# -- selection text ------------------------------------------------------------------------------
+def _lines(name: str) -> list[str]:
+    text = resources.files("steer").joinpath(f"{PRESET_DIR}/{name}").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def toxic_prompts(per_template: int = 4, seed: int = 0) -> list[list[str]]:
+    """Toxicity-leaning prompts, grouped by source line (a template gives ``per_template`` fills)."""
+    rng = random.Random(seed)
+    groups = []
+    for line in _lines("detox_selection_prompts.txt"):
+        if "{w}" in line:
+            groups.append([line.replace("{w}", w) for w in rng.sample(TEMPLATE_WORDS, per_template)])
+        else:
+            groups.append([line])
+    return groups
+
+
+def docstring_openings(limit: int = 60, words: int = 14) -> list[str]:
+    """The first ``words`` words of standard-library docstrings: neutral English prose, always offline."""
+    out: list[str] = []
+    for name in DOC_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        objects = [module] + [value for key, value in sorted(vars(module).items()) if not key.startswith("_")
+                              and (inspect.isfunction(value) or inspect.isclass(value))
+                              and getattr(value, "__module__", None) == module.__name__]
+        for obj in objects:
+            doc = inspect.getdoc(obj) or ""
+            paragraph = doc.split("\n\n")[0].replace("\n", " ").split()
+            if len(paragraph) >= words + 4 and not re.search(r"[<>{}\[\]=]|\w\(|>>>", " ".join(paragraph)):
+                out.append(" ".join(paragraph[:words]))
+    random.Random(0).shuffle(out)
+    return out[:limit]
+
+
+def neutral_prompts(docstrings: int = 40) -> list[str]:
+    return _lines("detox_neutral_prompts.txt") + docstring_openings(docstrings)
+
+
+def split_groups(groups: Sequence[Sequence[str]], every: int = 4) -> tuple[list[str], list[str]]:
+    """(selection, held-out): every ``every``-th source line goes to held-out, with all its fills."""
+    select, held = [], []
+    for i, group in enumerate(groups):
+        (held if i % every == every - 1 else select).extend(group)
+    return select, held
+
+
+# -- samples and toxic spans ---------------------------------------------------------------------
+@dataclass
+class Sample:
+    """A prompt and one continuation, as token ids; ``toxic`` marks continuation tokens of toxic words."""
+
+    prompt_ids: list[int]
+    continuation_ids: list[int]
+    toxic: list[bool] = field(default_factory=list)
+    text: str = ""
+
+
+@torch.no_grad()
+def sample_continuations(model, tokenizer, prompts: Sequence[str], samples: int = 4, max_new_tokens: int = 20,
+                         top_p: float = 0.9, seed: int = 0, batch_size: int = 64,
+                         progress: Callable[[int, int], None] | None = None) -> list[Sample]:
+    """The model's own nucleus-sampled continuations (as in the evaluation protocol)."""
+    device = next(model.parameters()).device
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    per_batch = max(1, batch_size // samples)
+    out: list[Sample] = []
+    for b, start in enumerate(range(0, len(prompts), per_batch)):
+        chunk = list(prompts[start:start + per_batch])
+        enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
+        torch.manual_seed(seed * 1_000_003 + b)
+        generated = model.generate(**enc, do_sample=True, top_p=top_p, top_k=0, temperature=1.0,
+                                   max_new_tokens=max_new_tokens, num_return_sequences=samples,
+                                   pad_token_id=tokenizer.pad_token_id)
+        new = generated[:, enc["input_ids"].shape[1]:].tolist()
+        for k, ids in enumerate(new):
+            cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+            prompt = tokenizer(chunk[k // samples]).input_ids
+            out.append(Sample(prompt, ids[:cut], text=tokenizer.decode(ids[:cut], skip_special_tokens=True)))
+        if progress:
+            progress(min(start + per_batch, len(prompts)), len(prompts))
+    return out
+
+
+def _words(tokenizer, ids: Sequence[int]) -> list[tuple[str, list[int]]]:
+    """Split token ids into words: (word text, positions of its tokens)."""
+    words: list[tuple[str, list[int]]] = []
+    for i, t in enumerate(ids):
+        piece = tokenizer.decode([t])
+        starts = not words or piece[:1].isspace() or not piece[:1].isalnum() or not words[-1][0][-1:].isalnum()
+        if starts:
+            words.append((piece.strip(), [i]))
+        else:
+            words[-1] = (words[-1][0] + piece, words[-1][1] + [i])
+    return [(re.sub(r"[^\w'*@$-]", "", w), pos) for w, pos in words]
+
+
+def mark_toxic(samples: list[Sample], tokenizer, score: Callable[[list[str]], list[float]],
+               threshold: float = 0.5) -> int:
+    """Mark the tokens of words that ``score`` flags on their own; returns how many words were marked."""
+    split = [_words(tokenizer, s.continuation_ids) for s in samples]
+    vocabulary = sorted({w for words in split for w, _ in words if any(c.isalpha() for c in w)})
+    flagged = {w for w, p in zip(vocabulary, score(vocabulary) if vocabulary else []) if p >= threshold}
+    count = 0
+    for sample, words in zip(samples, split):
+        sample.toxic = [False] * len(sample.continuation_ids)
+        for word, positions in words:
+            if word in flagged:
+                count += 1
+                for i in positions:
+                    sample.toxic[i] = True
+    return count
+
+
+# -- attribution ---------------------------------------------------------------------------------
+@dataclass
+class Attribution:
+    """Per value vector ``(n_layers, d_ff)`` sums from which every edit's first-order effect follows.
+
+    With ``g`` the gradient of the toxic spans' log-likelihood and ``a`` the coefficient, summed
+    over every token of every sample: ``tox_g = sum g``, ``tox_ga = sum g*a``; ``set a=t`` changes
+    the toxic log-likelihood by ``t*tox_g - tox_ga``, ``scale by s`` by ``(s-1)*tox_ga``. With ``G``
+    (``H``) the per-sample sum of ``d log p(sample)/da`` (times ``a``): ``gg, gh, hh`` are sums
+    over samples of ``G*G, G*H, H*H``, so the KL of ``set t`` is about ``(t^2 gg - 2t gh + hh) / 2n``.
+    """
+
+    tox_g: torch.Tensor
+    tox_ga: torch.Tensor
+    gg: torch.Tensor
+    gh: torch.Tensor
+    hh: torch.Tensor
+    low: torch.Tensor  # low / high quantile of the vector's coefficient on the samples
+    high: torch.Tensor
+    n_spans: int
+    n_samples: int
+
+    def save(self, path: str | Path) -> None:
+        torch.save(self.__dict__, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Attribution":
+        return cls(**torch.load(path))
+
+
+def _batches(samples: list[Sample], batch_size: int):
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        ids = [s.prompt_ids + s.continuation_ids for s in chunk]
+        width = max(map(len, ids))
+        input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        cont = torch.zeros(len(chunk), width, dtype=torch.bool)  # position predicts a continuation token
+        toxic = torch.zeros(len(chunk), width, dtype=torch.bool)
+        for i, (s, row) in enumerate(zip(chunk, ids)):
+            input_ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+            n = len(s.prompt_ids)
+            cont[i, n - 1:len(row) - 1] = True
+            if s.toxic:
+                toxic[i, n - 1:len(row) - 1] = torch.tensor(s.toxic)
+        yield chunk, input_ids, mask, cont, toxic
+
+
+def _token_logp(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """``logp[b, t]`` of token ``t+1`` given the prefix up to ``t`` (last column: 0)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    return torch.nn.functional.pad(logp, (0, 1))
+
+
+def attribute(model, samples: list[Sample], batch_size: int = 16, quantile: float = 0.01,
+              reservoir: int = 2000, seed: int = 0,
+              progress: Callable[[int, int], None] | None = None) -> Attribution:
+    """Gradient statistics of every FFN coefficient over ``samples`` (see :class:`Attribution`)."""
+    adapter = Adapter(model)
+    device = next(model.parameters()).device
+    n_layers, d_ff = adapter.n_layers, adapter.d_ff
+    zeros = lambda: torch.zeros(n_layers, d_ff, dtype=torch.float64)  # noqa: E731
+    stats = {k: zeros() for k in ("tox_g", "tox_ga", "gg", "gh", "hh")}
+    kept: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+    generator = torch.Generator().manual_seed(seed)
+    total_tokens = sum(len(s.prompt_ids) + len(s.continuation_ids) for s in samples)
+    keep_share = min(1.0, reservoir / max(1, total_tokens))
+    # toxic samples first, so the second backward pass only runs where there is a toxic span
+    ordered = sorted(samples, key=lambda s: not any(s.toxic))
+    captured: dict[int, torch.Tensor] = {}
+
+    def capture(layer):
+        def hook(module, args):
+            captured[layer] = args[0]
+            args[0].retain_grad()
+        return hook
+
+    grad_flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)  # gradients of activations only: half the cost of a full backward
+    embed = model.get_input_embeddings()
+    handles = [embed.register_forward_hook(lambda m, a, out: out.requires_grad_())]
+    handles += [adapter.ffn_out(layer).register_forward_pre_hook(capture(layer)) for layer in range(n_layers)]
+    done = 0
+    try:
+        for chunk, input_ids, mask, cont, toxic in _batches(ordered, batch_size):
+            input_ids, mask, cont, toxic = (t.to(device) for t in (input_ids, mask, cont, toxic))
+            captured.clear()
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            logp = _token_logp(logits, input_ids)
+            real = mask.bool()[..., None]
+            has_toxic = bool(toxic.any())
+            if has_toxic:
+                (logp * toxic).sum().backward(retain_graph=True)
+                for layer, a in captured.items():
+                    g = (a.grad.double() * real)
+                    stats["tox_g"][layer] += g.sum((0, 1)).cpu()
+                    stats["tox_ga"][layer] += (g * a.detach().double()).sum((0, 1)).cpu()
+                    a.grad = None
+            (logp * cont).sum().backward()
+            for layer, a in captured.items():
+                g = a.grad.double() * real
+                big_g = g.sum(1)
+                big_h = (g * a.detach().double()).sum(1)
+                stats["gg"][layer] += (big_g * big_g).sum(0).cpu()
+                stats["gh"][layer] += (big_g * big_h).sum(0).cpu()
+                stats["hh"][layer] += (big_h * big_h).sum(0).cpu()
+                values = a.detach()[mask.bool()].float().cpu()
+                pick = torch.rand(values.shape[0], generator=generator) < keep_share
+                kept[layer].append(values[pick].half())
+            done += len(chunk)
+            if progress:
+                progress(done, len(samples))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(model.parameters(), grad_flags):
+            p.requires_grad_(flag)
+        captured.clear()
+    values = [torch.cat(k).float() for k in kept]
+    low = torch.stack([torch.quantile(v, quantile, dim=0) for v in values])
+    high = torch.stack([torch.quantile(v, 1 - quantile, dim=0) for v in values])
+    n_spans = sum(sum(1 for i, t in enumerate(s.toxic) if t and (i == 0 or not s.toxic[i - 1])) for s in samples)
+    return Attribution(**stats, low=low, high=high, n_spans=n_spans, n_samples=len(samples))
+
+
+# -- choosing edits ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Candidate:
+    layer: int
+    index: int
+    op: str  # "set" or "scale"
+    value: float
+    gain: float  # predicted drop of the toxic spans' log-likelihood (nats per span)
+    kl: float  # predicted KL per sample (nats)
+
+
+def candidates(att: Attribution, lam: float, scale_range: tuple[float, float] = (-1.0, 1.0),
+               ops: Sequence[str] = ("set", "scale")) -> list[Candidate]:
+    """Every vector's best single edit under ``gain - lam * kl``, best first (positive net gains only)."""
+    n, m = max(1, att.n_spans), max(1, att.n_samples)
+    s1, s2 = att.tox_g / n, att.tox_ga / n
+    gg, gh, hh = att.gg / (2 * m), att.gh / (2 * m), att.hh / (2 * m)
+    options = []
+    if "set" in ops:  # gain(t) = s2 - t*s1, kl(t) = t^2 gg - 2t gh + hh
+        t = ((lam * 2 * gh - s1) / (lam * 2 * gg).clamp_min(1e-30)).clamp(att.low.double(), att.high.double())
+        gain, kl = s2 - t * s1, t * t * gg - 2 * t * gh + hh
+        options.append(("set", t, gain, kl))
+    if "scale" in ops:  # with d = s-1: gain = -d*s2, kl = d^2 hh
+        d = (-s2 / (lam * 2 * hh).clamp_min(1e-30)).clamp(scale_range[0] - 1, scale_range[1] - 1)
+        options.append(("scale", d + 1, -d * s2, d * d * hh))
+    best_net, best = None, None
+    for k, (op, value, gain, kl) in enumerate(options):
+        net = gain - lam * kl
+        if best_net is None:
+            best_net, best = net, torch.zeros_like(net, dtype=torch.long)
+        else:
+            better = net > best_net
+            best_net, best = torch.where(better, net, best_net), torch.where(better, k, best)
+    order = best_net.flatten().argsort(descending=True)
+    out = []
+    for flat in order.tolist():
+        layer, index = divmod(flat, best_net.shape[1])
+        net = float(best_net[layer, index])
+        if net <= 0:
+            break
+        op, value, gain, kl = options[int(best[layer, index])]
+        out.append(Candidate(layer, index, op, float(value[layer, index]), float(gain[layer, index]),
+                             float(kl[layer, index])))
+    return out
+
+
+def spec_from(candidates_: Sequence[Candidate], model, name: str = "detox", **meta) -> Spec:
+    return Spec.build(name, [(c.layer, c.index, c.op, round(c.value, 4)) for c in candidates_], model=model, **meta)
+
+
+# -- teacher-forced check ------------------------------------------------------------------------
+@dataclass
+class Check:
+    """Effect of a spec on held-out samples, teacher-forced (no generation)."""
+
+    toxic_drop: float  # mean drop of a toxic span's log-likelihood (nats; higher = less toxic)
+    kl: float  # mean per-token KL(steered || unsteered) on continuation tokens (nats)
+    toxic_mass: float  # mean steered/unsteered ratio of the toxic spans' probability
+
+
+class HeldOut:
+    """Held-out samples with their unsteered log-probabilities cached, to check many specs cheaply."""
+
+    def __init__(self, model, samples: list[Sample], batch_size: int = 16):
+        self.model, self.samples, self.batch_size = model, samples, batch_size
+        self.base = [self._run(batch) for batch in _batches(samples, batch_size)]
+
+    @torch.no_grad()
+    def _run(self, batch):
+        _, input_ids, mask, cont, toxic = batch
+        device = next(self.model.parameters()).device
+        logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        logp = torch.log_softmax(logits.float(), -1)[cont.to(device)].cpu()  # (tokens, vocab)
+        targets = input_ids[:, 1:][cont[:, :-1]]
+        return logp.half(), logp.gather(-1, targets[:, None])[:, 0], toxic[cont]
+
+    def check(self, spec: Spec | None) -> Check:
+        from .steering import steering
+
+        kl_sum, tokens, drops = 0.0, 0, []
+        for batch, (base, base_target, toxic) in zip(_batches(self.samples, self.batch_size), self.base):
+            if spec is None:
+                steered, steered_target = base.float(), base_target
+            else:
+                with steering(self.model, spec):
+                    steered, steered_target, _ = self._run(batch)
+                steered = steered.float()
+            p = steered.exp()
+            kl_sum += float((p * (steered - base.float())).sum())
+            tokens += base.shape[0]
+            # per toxic span (consecutive toxic tokens), summed over its tokens
+            diff = (steered_target - base_target)
+            span, current = [], 0.0
+            for is_toxic, d in zip(toxic.tolist(), diff.tolist()):
+                if is_toxic:
+                    current += d
+                    span.append(True)
+                elif span:
+                    drops.append(current)
+                    span, current = [], 0.0
+            if span:
+                drops.append(current)
+        drop = -sum(drops) / max(1, len(drops))
+        ratio = sum(math.exp(d) for d in drops) / max(1, len(drops))
+        return Check(drop, kl_sum / max(1, tokens), ratio)
