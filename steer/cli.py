@@ -12,8 +12,10 @@ import sys
 
 COMMAND_MODULES = [
     "steer.commands",
+    "steer.detox_commands",
     "evaluation.commands",
     "ui.commands",
+    "steer.layer_commands",
 ]
 
 

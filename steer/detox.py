@@ -411,3 +411,122 @@ class HeldOut:
         drop = -sum(drops) / max(1, len(drops))
         ratio = sum(math.exp(d) for d in drops) / max(1, len(drops))
         return Check(drop, kl_sum / max(1, tokens), ratio)
+
+
+# -- the whole pipeline --------------------------------------------------------------------------
+KL_BUDGET = 0.04  # nats per token on held-out samples; about +4% perplexity if entropy stays put
+COUNTS = (10, 20, 40, 80, 160)
+LAMS = (2.0, 8.0, 32.0)
+
+
+def _scorer_fn(scorer) -> Callable[[list[str]], list[float]]:
+    if scorer is None or isinstance(scorer, str):
+        from evaluation.toxicity import get_toxicity_scorer
+
+        scorer = get_toxicity_scorer(scorer or "profanity-check")
+    return scorer.score if hasattr(scorer, "score") else scorer
+
+
+def _say(progress: Callable[[str], None] | None, message: str) -> None:
+    if progress:
+        progress(message)
+
+
+def build_detox_spec(model, tokenizer, *, count: int | None = None, lam: float | None = None,
+                     counts: Sequence[int] = COUNTS, lams: Sequence[float] = LAMS, kl_budget: float = KL_BUDGET,
+                     samples: int = 4, max_new_tokens: int = 20, per_template: int = 4, docstrings: int = 40,
+                     toxic: Sequence[Sequence[str]] | None = None, neutral: Sequence[str] | None = None,
+                     scorer=None, batch_size: int = 16, seed: int = 0, name: str = "detox",
+                     progress: Callable[[str], None] | None = None) -> Spec:
+    """Choose value-vector edits that lower toxicity at a bounded fluency cost (see module docstring).
+
+    ``toxic`` (groups of prompts sharing a source) and ``neutral`` replace the shipped selection
+    prompts; ``scorer`` is a name for ``evaluation.toxicity.get_toxicity_scorer``, an object with
+    ``.score(texts)`` or a function (default: alt-profanity-check, which works offline).
+    ``count`` / ``lam`` fix the number of vectors / the KL weight; otherwise every combination of
+    ``counts`` x ``lams`` is checked on held-out selection prompts and the one with the largest
+    drop of toxic log-likelihood whose mean KL stays within ``kl_budget`` wins.
+    """
+    if samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("samples, max_new_tokens and batch_size must be at least 1")
+    if count is not None and count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    if lam is not None and not lam > 0:
+        raise ValueError(f"lam must be positive, got {lam}")
+    Adapter(model)
+    score = _scorer_fn(scorer)
+    toxic_groups = [list(g) for g in (toxic if toxic is not None else toxic_prompts(per_template, seed))]
+    neutral_list = list(neutral if neutral is not None else neutral_prompts(docstrings))
+    if len(toxic_groups) < 2 or len(neutral_list) < 2:
+        raise ValueError("need at least 2 toxic prompt groups and 2 neutral prompts (one of each is held out)")
+    every = min(4, len(toxic_groups))
+    tox_sel, tox_held = split_groups(toxic_groups, every)
+    neu_sel, neu_held = split_groups([[p] for p in neutral_list], min(4, len(neutral_list)))
+    runs = {}
+    for key, prompts, k in (("selection", tox_sel + neu_sel, samples), ("held-out", tox_held + neu_held, samples)):
+        _say(progress, f"sampling {len(prompts)} {key} prompts x {k}")
+        runs[key] = sample_continuations(model, tokenizer, prompts, k, max_new_tokens, seed=seed + (key == "held-out"),
+                                         batch_size=max(batch_size, 4 * k))
+        marked = mark_toxic(runs[key], tokenizer, score)
+        _say(progress, f"{key}: {marked} toxic words in {len(runs[key])} samples")
+    if not any(any(s.toxic) for s in runs["selection"]):
+        raise ValueError("the selection samples contain no word the scorer flags: nothing to learn from; "
+                         "use more samples or other toxic prompts")
+    _say(progress, "attributing (gradients of every FFN coefficient)")
+    att = attribute(model, runs["selection"], batch_size=batch_size, seed=seed)
+    held = HeldOut(model, runs["held-out"], batch_size=batch_size)
+    grid = [(c, l) for l in ([lam] if lam is not None else lams) for c in ([count] if count is not None else counts)]
+    results = []
+    for lam_, count_ in grid:
+        chosen = candidates(att, lam_)[:count_]
+        if not chosen:
+            continue
+        spec = spec_from(chosen, model, name)
+        result = held.check(spec)
+        results.append((lam_, len(chosen), result, chosen))
+        _say(progress, f"lam {lam_:g} count {len(chosen)}: toxic drop {result.toxic_drop:.3f} nats, "
+                       f"KL {result.kl:.4f} nats/token")
+    if not results:
+        raise ValueError("no value-vector edit lowers the toxic log-likelihood on the selection samples")
+    fits = [r for r in results if r[2].kl <= kl_budget] or [min(results, key=lambda r: r[2].kl)]
+    lam_, count_, result, chosen = max(fits, key=lambda r: r[2].toxic_drop)
+    meta = dict(method="gradient attribution: toxic-span log-likelihood vs Fisher KL on the model's own samples",
+                lam=lam_, count=count_, kl_budget=kl_budget, held_out_toxic_drop=round(result.toxic_drop, 4),
+                held_out_kl=round(result.kl, 5), selection_samples=len(runs["selection"]),
+                held_out_samples=len(runs["held-out"]), toxic_spans=att.n_spans,
+                fingerprint=fingerprint(model))
+    return spec_from(chosen, model, name, **meta)
+
+
+# -- presets -------------------------------------------------------------------------------------
+def fingerprint(model, n: int = 6) -> list[float]:
+    """Norms of a few value vectors: tells apart models of one shape, robust to dtype and device."""
+    adapter = Adapter(model)
+    rows = [adapter.value_vectors(layer)[:n].detach().float().norm(dim=1) for layer in (0, adapter.n_layers - 1)]
+    return [round(float(x), 4) for x in torch.cat(rows)]
+
+
+def _matches(spec: Spec, model) -> bool:
+    shape = ModelShape.of(model)
+    if spec.model is None or (spec.model.n_layers, spec.model.d_ff, spec.model.d_model) != (
+            shape.n_layers, shape.d_ff, shape.d_model):
+        return False
+    stored = spec.meta.get("fingerprint")
+    return stored is None or torch.allclose(torch.tensor(stored), torch.tensor(fingerprint(model)), rtol=2e-2, atol=1e-3)
+
+
+def preset_for(model) -> Spec:
+    """The shipped detox preset made for ``model``'s weights, or a ValueError saying how to build one."""
+    for model_label, file in PRESETS.items():
+        path = resources.files("steer").joinpath(f"{PRESET_DIR}/{file}")
+        if not path.is_file():
+            continue
+        spec = Spec.load(Path(str(path)))
+        if _matches(spec, model):
+            return spec.validate(model)
+    shape = ModelShape.of(model)
+    raise ValueError(
+        f"no shipped detox preset fits {shape.name} ({shape.n_layers} layers, d_ff {shape.d_ff}, d_model "
+        f"{shape.d_model}); presets exist for: {', '.join(PRESETS)}. Build one with "
+        "`steer detox build --model NAME --out detox.json` and load it with Spec.load"
+    )

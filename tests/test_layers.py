@@ -149,8 +149,9 @@ def test_empty_spec_is_token_identical_to_plain_generate(any_tiny):
     with steering(model, Spec.build("empty", [], model=model)):
         assert torch.equal(greedy(model, n=8), plain)
     spec = Spec.build("noop", [], model=model, layers=[LayerOp.reorder(0, 0, [0])])
+    processor = SteeringProcessor(model, spec)  # before looking up model.generate, which it wraps
     assert torch.equal(model.generate(IDS, attention_mask=MASK, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                                      logits_processor=[SteeringProcessor(model, spec)]), plain)
+                                      logits_processor=[processor]), plain)
 
 
 def test_spec_combines_layer_ops_and_value_edits():
@@ -200,3 +201,18 @@ def test_mixed_attention_types_refuse_moving_layers():
         Spec.build("p", [], model=model, layers=[LayerOp.parallel(1, 2)])
     with layer_ops(model, [LayerOp.reorder(0, 2, [2, 1, 0])]):  # same types: allowed
         assert torch.equal(logits(model), logits(rebuild(model, [2, 1, 0, 3])))
+
+
+def test_nothing_is_left_behind():
+    import gc
+    import weakref
+
+    model = four_layers("llama")
+    with steering(model, Spec.build("s", [(1, 2, "set", 1.0)], model=model, layers=[LayerOp.repeat(2, 2)])):
+        greedy(model, n=2)
+    assert untouched(model)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -51,8 +51,10 @@ def _text(page, selector: str) -> str:
     return page.locator(selector).inner_text()
 
 
-def test_browser_explore_then_generate_side_by_side(served):
+def test_browser_explore_then_generate_side_by_side(served, tmp_path):
     from playwright.sync_api import expect, sync_playwright
+
+    from steer import Spec
 
     demo, url = served
     with sync_playwright() as playwright:
@@ -68,14 +70,22 @@ def test_browser_explore_then_generate_side_by_side(served):
             # explorer: find vectors for words, select the first result, add it to the intervention
             page.locator("#query textarea").fill("rain, umbrella")
             page.locator("#find").click()
-            first = page.locator("#found td").filter(has_text=re.compile(r"^\s*L\d+\.N\d+\s*$")).first
-            first.wait_for(timeout=60_000)
+            first = page.locator('#found [data-testid="cell-0-0"]')
+            expect(first).to_have_text(re.compile(r"^\s*L\d+\.N\d+\s*$"), timeout=60_000)
             vector = first.inner_text().strip()
             assert vector == demo.search("rain, umbrella", 10)[0][0]
             first.click()
             expect(page.locator("#chosen textarea")).to_have_value(vector, timeout=30_000)
             page.locator("#add").click()
             expect(page.locator("#summary")).to_contain_text(f"{edits_before + 1} value-vector edits", timeout=30_000)
+
+            # the download button offers the intervention shown, as a spec file
+            default = demo.default_spec()
+            spec = demo.spec_from_rows(demo.edit_rows(demo.rows(default), vector, "scale", 0.0), default.name,
+                                       demo.extra(default))
+            with page.expect_download(timeout=30_000) as download:
+                page.locator("#download").click()
+            assert Spec.load(download.value.path()) == spec
 
             # generate: both continuations and both scores appear
             page.locator("#prompt textarea").fill(PROMPT)
@@ -89,15 +99,36 @@ def test_browser_explore_then_generate_side_by_side(served):
             for stats in (_text(page, "#unsteered-stats"), _text(page, "#steered-stats")):
                 assert re.search(r"toxicity \d\.\d{3}", stats) and scorer in stats and "tokens/s" in stats
             # the page shows what the library computes for the same settings
-            default = demo.default_spec()
-            spec = demo.spec_from_rows(demo.edit_rows(demo.rows(default), vector, "scale", 0.0), default.name,
-                                       demo.extra(default))
             expected = demo.generate(PROMPT, spec)
             assert (plain, steered) == (expected[0].text, expected[1].text)
 
             page.mouse.move(0, 0)
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            # loading a spec file replaces the intervention
+            uploaded = Spec.build("two vectors", [("L3.N7", "set", 2.0), ("L20.N5", "scale", 0.0)], model=demo.model)
+            with page.expect_file_chooser(timeout=30_000) as chooser:
+                page.locator("#upload").click()
+            chooser.value.set_files(str(uploaded.save(tmp_path / "two.json")))
+            expect(page.locator("#summary")).to_contain_text("two vectors: 2 value-vector edits on 2 layers",
+                                                             timeout=30_000)
+
+            # choosing "my own words" shows the words box; Enter builds the intervention from them
+            expect(page.locator("#words")).to_be_hidden()
+            page.locator("#concept").get_by_text("my own words").click()
+            page.locator("#words textarea").fill("rain, umbrella")
+            page.locator("#words textarea").press("Enter")
+            expect(page.locator("#summary")).to_contain_text("suppress rain, umbrella x1 top20: 20 value-vector edits",
+                                                             timeout=60_000)
+
+            # a bad request shows a message in the page, not a stack trace
+            page.locator("#prompt textarea").fill("x" * (demo.limits.prompt_chars + 1))  # past the box's maxlength
+            assert len(page.locator("#prompt textarea").input_value()) == demo.limits.prompt_chars
+            page.locator("#prompt textarea").fill("   ")
+            page.locator("#generate").click()
+            expect(page.get_by_text("type a prompt first")).to_be_visible(timeout=30_000)
+            assert "Traceback" not in page.content()
             assert not elsewhere, f"the page fetched from elsewhere: {elsewhere[:5]}"
         finally:
             browser.close()

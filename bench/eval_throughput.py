@@ -1,0 +1,77 @@
+"""``steer eval`` end to end vs plain batched ``generate`` on the same prompts, side by side.
+
+Both sample the same prompts with the same batching (``batch_size // samples`` prompts x
+``samples`` continuations per ``generate`` call, left padded, nucleus p = 0.9, 20 new tokens).
+The eval side is the whole protocol: generation, toxicity scoring, the judge's perplexity pass,
+distinct-n and the per-batch JSONL commit. Runs alternate (plain, eval, plain, eval, ...) and the
+fastest of each is kept, to damp noise from other work on the machine.
+Last line: ``RESULT eval_vs_generate=<eval seconds / generate seconds>`` (target <= 1.3).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from evaluation.prompts import load_prompts
+from evaluation.protocol import batch_seed, run_eval, sampling_kwargs
+from evaluation.toxicity import get_toxicity_scorer
+from steer import load_model
+
+
+def plain_generate(model, tokenizer, prompts, samples, top_p, new_tokens, batch_size) -> tuple[float, int]:
+    """The baseline: batched generate only. Returns (seconds, generated tokens incl. padding)."""
+    per_batch = max(1, batch_size // samples)
+    kwargs = sampling_kwargs(tokenizer, samples, top_p, new_tokens)
+    start, tokens = time.perf_counter(), 0
+    for b, s in enumerate(range(0, len(prompts), per_batch)):
+        enc = tokenizer(prompts[s:s + per_batch], return_tensors="pt", padding=True).to(model.device)
+        torch.manual_seed(batch_seed(0, b))
+        with torch.no_grad():
+            out = model.generate(**enc, **kwargs)
+        tokens += out[:, enc["input_ids"].shape[1]:].numel()
+    return time.perf_counter() - start, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--prompts", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--scorer", default="profanity-check")
+    parser.add_argument("--reps", type=int, default=2)
+    args = parser.parse_args()
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    prompts = load_prompts(limit=args.prompts)
+    scorer = get_toxicity_scorer(args.scorer, device=args.device)
+    settings = dict(samples=args.samples, top_p=0.9, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    plain_generate(model, tokenizer, prompts[:2], args.samples, 0.9, 4, args.batch_size)  # warm-up
+
+    plain, full = [], []
+    for _ in range(args.reps):
+        plain.append(plain_generate(model, tokenizer, prompts, args.samples, 0.9, args.max_new_tokens, args.batch_size))
+        with tempfile.TemporaryDirectory() as out:
+            start = time.perf_counter()
+            summary = run_eval(model, tokenizer, prompts, scorer=scorer, out_dir=out, progress=False, **settings)
+            full.append((time.perf_counter() - start, summary))
+    (plain_s, plain_tokens), (eval_s, summary) = min(plain), min(full, key=lambda x: x[0])
+    n = len(prompts) * args.samples
+    print(f"{len(prompts)} prompts x {args.samples} samples, {args.max_new_tokens} new tokens, "
+          f"batch {args.batch_size} sequences, {torch.get_num_threads()} threads, best of {args.reps}")
+    print(f"{'':34}{'seconds':>10}{'seq/s':>10}")
+    print(f"{'plain batched generate':34}{plain_s:>10.2f}{n / plain_s:>10.2f}")
+    print(f"{'steer eval (end to end)':34}{eval_s:>10.2f}{n / eval_s:>10.2f}")
+    print(f"{'  of which generate':34}{summary['gen_seconds']:>10.2f}")
+    print(f"{'  scoring, perplexity, records':34}{eval_s - summary['gen_seconds']:>10.2f}")
+    print(f"scorer {summary['scorer']}; EMT {summary['emt']:.3f}, perplexity {summary['perplexity']:.2f}")
+    print(f"RESULT eval_vs_generate={eval_s / plain_s:.3f} generate_in_eval_vs_plain={summary['gen_seconds'] / plain_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""``steer eval`` (one or a few interventions, one table) and ``steer sweep CONFIG.yaml`` (a grid).
+
+Both resume: rerun the same command after a crash or kill and finished batches are kept.
+Data-parallel: ``accelerate launch --num_processes N -m steer.cli sweep CONFIG.yaml``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from steer.commands import add_model_args
+
+
+def _interventions(values: list[str] | None) -> list[str]:
+    items = [v.strip() for value in values or ["none"] for v in value.split(",") if v.strip()]
+    return list(dict.fromkeys(items)) or ["none"]
+
+
+def config_from_args(args) -> "SweepConfig":
+    from .sweep import SweepConfig
+
+    grid = dict(intervention=_interventions(args.intervention), strength=[args.strength],
+                n_vectors=[args.n_vectors], early_exit=[args.early_exit is not None])
+    data = dict(model=args.model, dtype=args.dtype, device=args.device, judge=args.judge, prompts=args.prompt_file,
+                challenging=args.challenging, limit=args.prompts, samples=args.samples, top_p=args.top_p,
+                max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size, scorer=args.scorer,
+                detoxify_config=args.detoxify_config, grid=grid,
+                early_exit=None if args.early_exit is None else {"exit_model": args.early_exit,
+                                                                 "threshold": args.exit_threshold})
+    config = SweepConfig.from_dict(data, "steer eval")
+    if args.out is None:  # the same command always maps to the same folder, so rerunning it resumes
+        key = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+        args.out = f"runs/eval-{key}"
+    config.out = args.out
+    return config
+
+
+def _run(config, show_progress: bool) -> int:
+    from .protocol import process_shard
+    from .report import markdown_table
+    from .store import ensure_writable
+    from .sweep import run_sweep
+
+    out = ensure_writable(config.out)
+    rank = process_shard()[0]
+    if rank == 0:
+        saved = dataclasses.asdict(config)
+        (out / "sweep.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    summaries = run_sweep(config, progress=show_progress)
+    if rank == 0:
+        print(markdown_table(summaries))
+        print(f"results in {out}/: summary.md, summary.csv, pareto.png (rerun the same command to resume; "
+              f"`steer sweep {out}/sweep.yaml` reruns it)")
+    return 0
+
+
+def _eval(args) -> int:
+    return _run(config_from_args(args), not args.quiet)
+
+
+def _sweep(args) -> int:
+    from .sweep import SweepConfig
+
+    config = SweepConfig.load(args.config)
+    if args.out is not None:
+        config.out = args.out
+    return _run(config, not args.quiet)
+
+
+def register(subparsers) -> None:
+    ev = subparsers.add_parser(
+        "eval", help="RealToxicityPrompts-style evaluation of one or more interventions, as one table",
+        description="Samples continuations of toxic prompts and reports expected maximum toxicity, toxicity "
+                    "probability, perplexity and distinct-n. Example: steer eval --compare none,preset --prompts 20 --samples 5")
+    add_model_args(ev)
+    ev.add_argument("--intervention", "--compare", action="append", metavar="SPEC",
+                    help="none, preset (the shipped detox preset for this model) or a spec file; repeat or "
+                         "comma-separate to compare several in one table (default: none)")
+    ev.add_argument("--prompts", type=int, default=None, metavar="N", help="use the first N prompts (default: all)")
+    ev.add_argument("--prompt-file", default=None, metavar="PATH",
+                    help="RTP-format JSONL, a text file (one prompt a line) or hub:allenai/real-toxicity-prompts "
+                         "(default: the shipped 400 challenging RealToxicityPrompts prompts)")
+    ev.add_argument("--challenging", action="store_true", help="keep only prompts marked challenging")
+    ev.add_argument("--samples", type=int, default=25, help="samples per prompt (default: 25)")
+    ev.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling p (default: 0.9)")
+    ev.add_argument("--max-new-tokens", type=int, default=20, help="tokens per continuation (default: 20)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (default: 64)")
+    ev.add_argument("--strength", type=float, default=1.0, help="scale every intervention: 0 none .. 1 as written")
+    ev.add_argument("--n-vectors", type=int, default=None, help="keep only each spec's first N vectors")
+    ev.add_argument("--scorer", default="auto",
+                    help="auto (Detoxify if its weights are here, else alt-profanity-check), profanity-check, "
+                         "detoxify[:VARIANT|:PATH.ckpt], evaluate[:MODEL]")
+    ev.add_argument("--detoxify-config", default=None, metavar="DIR",
+                    help="folder with the HF config + tokenizer of a local Detoxify checkpoint's base model")
+    ev.add_argument("--judge", default="embedded",
+                    help="perplexity judge: embedded (default), self (the evaluated model, unsteered), or a model id/path")
+    ev.add_argument("--early-exit", default=None, metavar="EXIT_MODEL", help="generate with early exit (an exit model file)")
+    ev.add_argument("--exit-threshold", type=float, default=0.9, help="early-exit threshold (default: 0.9)")
+    ev.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/eval-<hash of the options>)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_eval)
+
+    sw = subparsers.add_parser(
+        "sweep", help="run a grid of evaluations from a YAML config (resumable, data-parallel with accelerate)",
+        description="Keys: see evaluation/sweep.py. Data-parallel: accelerate launch --num_processes N -m steer.cli sweep CONFIG.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("config", type=Path, help="sweep config (YAML)")
+    sw.add_argument("--out", default=None, metavar="DIR", help="run folder (default: the config's out, else runs/<config name>)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
+    sw.set_defaults(func=_sweep)

@@ -1,0 +1,89 @@
+"""Prompt sets as ``datasets.Dataset`` with a ``text`` column (other fields kept, e.g. ``category``).
+
+Sources:
+* nothing: the shipped 400 challenging RealToxicityPrompts prompts (steer/data, Apache-2.0);
+* ``*.jsonl`` / ``*.json``: RealToxicityPrompts format, one ``{"prompt": {"text": ...}, ...}`` a line;
+* any other file: plain text, one prompt a line (blank lines skipped);
+* ``hub:allenai/real-toxicity-prompts`` (online only), optionally keeping ``challenging`` rows.
+
+JSONL is parsed line by line here (not by ``datasets``' JSON builder) so that a bad line is
+reported with its file and line number; the rows then become a ``Dataset``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from datasets import Dataset
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "steer" / "data" / "rtp_challenging_dev.jsonl"
+HUB_PREFIX = "hub:"
+
+
+def _rows_from_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            prompt = row.get("prompt") if isinstance(row, dict) else None
+            text = prompt.get("text") if isinstance(prompt, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f'{where}: missing prompt.text (expected {{"prompt": {{"text": "..."}}, ...}})')
+            rows.append({"text": text, **{k: v for k, v in row.items() if k != "prompt"},
+                         **{f"prompt_{k}": v for k, v in prompt.items() if k != "text"}})
+    return rows
+
+
+def _rows_from_text(path: Path) -> list[dict]:
+    return [{"text": line.rstrip("\n")} for line in path.open(encoding="utf-8") if line.strip()]
+
+
+def _from_hub(name: str, challenging: bool) -> Dataset:
+    from datasets import load_dataset
+
+    try:
+        data = load_dataset(name, split="train")
+    except Exception as err:  # offline: ConnectionError, DatasetNotFoundError, ...
+        raise ValueError(f"cannot load {name} from the hub ({type(err).__name__}); offline, pass a local "
+                         "JSONL file, or nothing for the shipped 400 challenging prompts") from None
+    if challenging:
+        data = data.filter(lambda row: bool(row.get("challenging")))
+    return data.map(lambda row: {"text": row["prompt"]["text"]})
+
+
+def load_prompt_set(path: str | Path | None = None, limit: int | None = None,
+                    challenging: bool = False) -> Dataset:
+    """The prompts of ``path`` (see the module docstring), the first ``limit`` of them if given."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--prompts must be at least 1, got {limit}")
+    source = str(path) if path is not None else str(DEFAULT_PROMPTS)
+    if source.startswith(HUB_PREFIX):
+        data = _from_hub(source[len(HUB_PREFIX):], challenging)
+    else:
+        file = Path(source)
+        if not file.is_file():
+            raise FileNotFoundError(f"prompt file {file} not found")
+        rows = _rows_from_jsonl(file) if file.suffix in (".jsonl", ".json") else _rows_from_text(file)
+        if challenging:
+            rows = [row for row in rows if row.get("challenging")]
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        try:
+            data = Dataset.from_dict({k: [row.get(k) for row in rows] for k in keys})
+        except Exception as err:  # pyarrow: a field with mixed types across lines
+            raise ValueError(f"{file}: fields differ in type between lines ({err})") from None
+    if limit is not None:
+        data = data.select(range(min(limit, len(data))))
+    if len(data) == 0:
+        raise ValueError(f"no prompts in {source}{' (after the challenging filter)' if challenging else ''}")
+    return data
+
+
+def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
+    """Just the prompt texts (the contract other modules code against)."""
+    return list(load_prompt_set(path, limit)["text"])

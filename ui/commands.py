@@ -1,0 +1,34 @@
+"""``steer ui``: serve the Gradio demo on this machine."""
+from __future__ import annotations
+
+import argparse
+
+from steer.commands import add_model_args, load_from_args
+
+
+def _ui(args) -> int:
+    from .engine import Limits, SteerDemo
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
+    model, tokenizer = load_from_args(args)
+    demo = SteerDemo(model, tokenizer, scorer=args.scorer, exit_model=args.exit_model,
+                     exit_threshold=args.exit_threshold, limits=Limits(max_new_tokens=args.max_new_tokens))
+    from .app import build_app, launch
+
+    print(f"steer ui: serving {demo.name} on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
+    launch(build_app(demo), host=args.host, port=args.port)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("ui", help="Gradio demo: steered vs unsteered side by side, value-vector explorer",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    parser.add_argument("--scorer", default="auto", help="toxicity scorer (see evaluation.toxicity)")
+    parser.add_argument("--exit-model", default=None, help="saved early-exit model (enables the early-exit switch)")
+    parser.add_argument("--exit-threshold", type=float, default=0.9, help="default early-exit threshold")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="upper bound users may ask for")
+    parser.set_defaults(func=_ui)

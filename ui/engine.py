@@ -1,0 +1,397 @@
+"""What the demo does, without any Gradio: build interventions, generate side by side, explore vectors.
+
+Everything here composes library calls (``steer.rank_vectors``, ``steer.steering``,
+``steer.detox.preset_for``, ``evaluation.toxicity``, ``generation.early_exit``); the Gradio
+layer in :mod:`ui.app` only wires widgets to these methods, so the same behaviour is testable
+(and scriptable) without a browser.
+
+Steering hooks are attached to the shared model for the duration of one ``generate``, so two
+requests running at once would each see the other's hooks (and reseed the other's sampler).
+Every use of the model therefore holds :attr:`SteerDemo.lock`: each request gets exactly the
+continuation it would get alone with the same seed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from steer import Adapter, Concept, Spec, SpecError, VectorName, VocabIndex, concept_scores, model_name, steering
+from steer.vocab import project
+
+PRESET = "detox preset"
+LEXICON = "toxicity lexicon"
+WORDS = "my own words"
+CONCEPTS = (PRESET, LEXICON, WORDS)
+SUPPRESS, PROMOTE = "suppress", "promote"
+BY_SCORE, BY_INDEX = "z-score ranking", "top-30 tokens (index)"
+COLUMNS = ["vector", "op", "value", "top tokens"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may ask for (a shared CPU model serves every user)."""
+
+    prompt_chars: int = 2000
+    prompt_tokens: int = 512
+    max_new_tokens: int = 200
+    words_chars: int = 500
+    vectors: int = 500  # value vectors taken from a concept or shown by a search
+    edits: int = 5000  # edits in one intervention (uploaded or typed)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    max_new_tokens: int = 30
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Continuation:
+    text: str
+    tokens: int
+    seconds: float
+    layers_saved: float | None = None  # share of layer compute early exit skipped (None: exit off)
+    toxicity: float | None = None
+    scorer: str = ""  # the scorer's name, or why there is no score
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def apply_strength(spec: Spec, strength: float) -> Spec:
+    """Scale every edit's departure from "no change": 1 keeps ``spec``, 0 is a no-op, 2 doubles it.
+
+    ``scale v`` becomes ``scale 1 + s(v - 1)``, ``add v`` becomes ``add s*v`` and ``set v``
+    becomes ``set s*v`` (a set has no neutral value; its target is scaled).
+    """
+    def edit(e):
+        value = 1 + strength * (e.value - 1) if e.op == "scale" else strength * e.value
+        return dataclasses.replace(e, value=float(value))
+
+    return dataclasses.replace(spec, edits=tuple(edit(e) for e in spec.edits))
+
+
+class SteerDemo:
+    """One model shared by every user of the demo; see the module docstring for the lock."""
+
+    def __init__(self, model, tokenizer, *, scorer: str = "auto", exit_model=None,
+                 exit_threshold: float = 0.9, limits: Limits = Limits()):
+        self.model, self.tokenizer, self.limits = model, tokenizer, limits
+        self.adapter = Adapter(model)
+        self.name = model_name(model)
+        self.lock = threading.Lock()  # held around every forward pass of the model
+        self._side_lock = threading.Lock()  # lazy loading of scorer, index, exit model
+        self._scorer_name, self._scorer, self._scorer_error = scorer, None, None
+        self._exit_source, self._exit_model, self.exit_threshold = exit_model, None, exit_threshold
+        self._index: VocabIndex | None = None
+        self._lexicon: Concept | None = None
+        self._scores: dict[tuple[int, ...], torch.Tensor] = {}  # concept token ids -> concept_scores
+        self.preset, self.preset_error = self._load_preset()
+        self.exit_error = self._check_exit()
+
+    # -- what is available ------------------------------------------------------------------
+    def _load_preset(self) -> tuple[Spec | None, str | None]:
+        try:
+            from steer.detox import preset_for
+        except ImportError as err:
+            return None, f"steer.detox is not available ({err})"
+        try:
+            return preset_for(self.model), None
+        except (ValueError, OSError) as err:
+            return None, str(err)
+
+    @property
+    def default_concept(self) -> str:
+        return PRESET if self.preset is not None else LEXICON
+
+    @property
+    def max_vectors(self) -> int:
+        return max(self.limits.vectors, len(self.preset.edits) if self.preset is not None else 0)
+
+    def default_n(self, concept: str | None = None) -> int:
+        """How many vectors a concept starts with: all of the preset's edits, else 20."""
+        concept = concept or self.default_concept
+        return len(self.preset.edits) if concept == PRESET and self.preset is not None else 20
+
+    def default_spec(self) -> Spec:
+        """The intervention the page opens with: the detox preset, else the lexicon's top 20."""
+        return self.concept_spec(self.default_concept, n=self.default_n())
+
+    @property
+    def concepts(self) -> list[str]:
+        return [c for c in CONCEPTS if c != PRESET or self.preset is not None]
+
+    def _check_exit(self) -> str | None:
+        try:
+            import generation
+        except ImportError as err:
+            return f"the generation package is not available ({err})"
+        missing = [n for n in ("early_exit", "load_exit_model") if not hasattr(generation, n)]
+        if missing:
+            return f"generation lacks {', '.join(missing)}"
+        if self._exit_source is None and getattr(generation, "default_exit_model", None) is None:
+            return "no exit model given (start with --exit-model PATH)"
+        return None
+
+    @property
+    def early_exit_available(self) -> bool:
+        return self.exit_error is None
+
+    def exit_model(self):
+        """The exit model, loaded (or found for this model) on first use."""
+        if self.exit_error is not None:
+            raise ValueError(f"early exit is unavailable: {self.exit_error}")
+        with self._side_lock:
+            if self._exit_model is None:
+                import generation
+
+                source = self._exit_source
+                if source is None:
+                    self._exit_model = generation.default_exit_model(self.model)
+                elif isinstance(source, (str, Path)):
+                    self._exit_model = generation.load_exit_model(source)
+                else:
+                    self._exit_model = source
+            return self._exit_model
+
+    def scorer(self):
+        """The toxicity scorer, loaded on first use; None (with :attr:`scorer_status`) if it cannot load."""
+        with self._side_lock:
+            if self._scorer is None and self._scorer_error is None:
+                try:
+                    from evaluation.toxicity import get_toxicity_scorer
+
+                    self._scorer = get_toxicity_scorer(self._scorer_name)
+                except Exception as err:  # noqa: BLE001 - any failure means "no scores", said in the page
+                    self._scorer_error = f"toxicity scorer unavailable: {type(err).__name__}: {err}"
+            return self._scorer
+
+    @property
+    def scorer_status(self) -> str:
+        if self._scorer is not None:
+            return self._scorer.name
+        return self._scorer_error or "loads on first use"
+
+    def index(self) -> VocabIndex:
+        with self._side_lock:
+            if self._index is None:
+                self._index = VocabIndex.build(self.model)
+            return self._index
+
+    # -- interventions ------------------------------------------------------------------------
+    def concept(self, kind: str, words: str = "") -> Concept:
+        if kind == LEXICON:
+            if self._lexicon is None:
+                self._lexicon = Concept.resolve("toxicity", self.tokenizer)
+            return self._lexicon
+        if kind == WORDS:
+            words = self._check_words(words)
+            return Concept.from_words(words, words.split(","), self.tokenizer)
+        raise ValueError(f"unknown concept {kind!r}: choose one of {', '.join(self.concepts)}")
+
+    def _check_words(self, words: str) -> str:
+        words = (words or "").strip()
+        if not words:
+            raise ValueError("type one or more words, separated by commas")
+        if len(words) > self.limits.words_chars:
+            raise ValueError(f"the words are {len(words)} characters long; the limit is {self.limits.words_chars}")
+        return words
+
+    def concept_spec(self, kind: str, words: str = "", mode: str = SUPPRESS, strength: float = 1.0,
+                     n: int = 20) -> Spec:
+        """The intervention a concept setting stands for.
+
+        Lexicon or own words: the ``n`` value vectors ranked highest for the concept (mean
+        z-score of its tokens, :func:`steer.rank_vectors`), each edited by ``scale 0`` (suppress)
+        or ``set 1`` (promote), then :func:`apply_strength`. The preset: its first ``n`` edits,
+        then :func:`apply_strength` (strength 1 = as shipped).
+        """
+        n = int(n)
+        if not 1 <= n <= self.max_vectors:
+            raise ValueError(f"number of value vectors must be between 1 and {self.max_vectors}, got {n}")
+        if kind == PRESET:
+            if self.preset is None:
+                raise ValueError(f"no detox preset for this model: {self.preset_error}")
+            base = dataclasses.replace(self.preset, edits=self.preset.edits[:n])
+            name = self.preset.name
+        else:
+            if mode not in (SUPPRESS, PROMOTE):
+                raise ValueError(f"unknown mode {mode!r}: use {SUPPRESS!r} or {PROMOTE!r}")
+            concept = self.concept(kind, words)
+            op, value = ("scale", 0.0) if mode == SUPPRESS else ("set", 1.0)
+            name = f"{mode} {concept.name if kind == WORDS else 'toxicity'}"
+            base = Spec.build(name, [(str(v), op, value) for v, _ in self.ranked(concept, n)], model=self.model)
+        spec = apply_strength(base, float(strength))
+        return dataclasses.replace(spec, name=f"{name} x{float(strength):g} top{n}")
+
+    def ranked(self, concept: Concept, n: int) -> list[tuple[VectorName, float]]:
+        """The ``n`` vectors promoting ``concept`` most, as :func:`steer.rank_vectors` orders them.
+
+        The scores of all vectors are cached per concept, so moving the count or strength
+        slider does not recompute them (about 30 GFLOP on the embedded model).
+        """
+        key = tuple(concept.token_ids)
+        with self._side_lock:
+            if key not in self._scores:
+                if len(self._scores) >= 32:
+                    self._scores.pop(next(iter(self._scores)))
+                self._scores[key] = concept_scores(self.model, concept)
+            scores = self._scores[key]
+        best = scores.flatten().topk(min(n, scores.numel()))
+        return [(VectorName(*divmod(i, scores.shape[1])), v) for v, i in zip(best.values.tolist(), best.indices.tolist())]
+
+    def spec_from_rows(self, rows, name: str = "ui", extra: dict | None = None) -> Spec:
+        """A validated Spec from table rows ``[vector, op, value, ...]`` (blank rows skipped).
+
+        ``extra`` carries the spec's other fields (model shape, meta, anything a spec file
+        holds besides name and edits), so an uploaded spec round-trips through the table.
+        """
+        edits = []
+        for i, row in enumerate(rows or []):
+            vector, op, value = (list(row) + ["", "", ""])[:3]
+            if not str(vector or "").strip():
+                continue
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise SpecError(f"row {i + 1} ({vector}): value must be a number, got {value!r}") from None
+            edits.append({"vector": str(vector).strip(), "op": str(op).strip(), "value": value})
+        if len(edits) > self.limits.edits:
+            raise SpecError(f"the intervention has {len(edits)} edits; the limit is {self.limits.edits}")
+        data = {**(extra or {}), "name": (name or "").strip() or "ui", "edits": edits}
+        return Spec.from_dict(data, "intervention").validate(self.model)
+
+    def load_spec(self, path: str | Path) -> Spec:
+        spec = Spec.load(path).validate(self.model)
+        if len(spec.edits) > self.limits.edits:
+            raise SpecError(f"{Path(path).name} has {len(spec.edits)} edits; the limit is {self.limits.edits}")
+        return spec
+
+    @staticmethod
+    def extra(spec: Spec) -> dict:
+        """Everything in ``spec`` except its name and edits (see :meth:`spec_from_rows`)."""
+        return {k: v for k, v in spec.to_dict().items() if k not in ("name", "edits")}
+
+    def rows(self, spec: Spec) -> list[list]:
+        tokens = self.top_tokens([VectorName(e.layer, e.index) for e in spec.edits])
+        return [[e.name, e.op, e.value, t] for e, t in zip(spec.edits, tokens)]
+
+    @torch.no_grad()
+    def top_tokens(self, names: list[VectorName], n: int = 8) -> list[str]:
+        """The ``n`` tokens each value vector promotes most, decoded and joined for display."""
+        if not names:
+            return []
+        vectors = torch.stack([self.adapter.value_vectors(v.layer)[v.index] for v in names])
+        logits = project(self.adapter, vectors.to(self.adapter.unembed.weight.dtype))
+        return [" | ".join(repr(self.tokenizer.decode([i]))[1:-1] for i in ids)
+                for ids in logits.float().topk(n, dim=1).indices.tolist()]
+
+    # -- value-vector explorer ---------------------------------------------------------------
+    def search(self, words: str, top: int = 20, method: str = BY_SCORE) -> list[list]:
+        """Value vectors promoting ``words``: rows ``[vector, score, top tokens]``.
+
+        ``z-score ranking``: mean z-score of the words' tokens in each vector's projection
+        (all vectors, closed form). ``top-30 tokens``: vectors with any of those tokens among
+        their 30 highest (:meth:`VocabIndex.search`; the score is that hit count).
+        """
+        top = int(top)
+        if not 1 <= top <= self.limits.vectors:
+            raise ValueError(f"number of results must be between 1 and {self.limits.vectors}, got {top}")
+        words = self._check_words(words)
+        concept = Concept.from_words(words, words.split(","), self.tokenizer)
+        if method == BY_SCORE:
+            found = [(name, round(score, 3)) for name, score in self.ranked(concept, top)]
+        elif method == BY_INDEX:
+            found = [(name, hits) for name, hits, _ in self.index().search(concept.token_ids, top=top)]
+        else:
+            raise ValueError(f"unknown search method {method!r}: use {BY_SCORE!r} or {BY_INDEX!r}")
+        tokens = self.top_tokens([name for name, _ in found])
+        return [[str(name), score, t] for (name, score), t in zip(found, tokens)]
+
+    @staticmethod
+    def edit_rows(rows, vectors: str, op: str | None = None, value: float | None = None) -> list[list]:
+        """``rows`` with the named vectors removed (``op`` None) or added/replaced as ``op value``."""
+        names = [str(VectorName.parse(v)) for v in (vectors or "").replace(";", ",").split(",") if v.strip()]
+        if not names:
+            raise ValueError("name one or more value vectors, e.g. L25.N829, L3.N7")
+        kept = [list(r) for r in rows or [] if str(r[0] or "").strip() and str(r[0]).strip() not in names]
+        if op is None:
+            return kept
+        return kept + [[name, op, float(value), ""] for name in names]
+
+    # -- generation ---------------------------------------------------------------------------
+    def _check(self, prompt: str, sampling: Sampling) -> dict:
+        if not prompt or not prompt.strip():
+            raise ValueError("type a prompt first")
+        if len(prompt) > self.limits.prompt_chars:
+            raise ValueError(f"the prompt is {len(prompt)} characters long; the limit is {self.limits.prompt_chars}")
+        inputs = self.tokenizer(prompt, return_tensors="pt")
+        if inputs["input_ids"].shape[1] > self.limits.prompt_tokens:
+            raise ValueError(f"the prompt is {inputs['input_ids'].shape[1]} tokens long; the limit is "
+                             f"{self.limits.prompt_tokens}")
+        if not (isinstance(sampling.max_new_tokens, int) and 1 <= sampling.max_new_tokens <= self.limits.max_new_tokens):
+            raise ValueError(f"max new tokens must be between 1 and {self.limits.max_new_tokens}, "
+                             f"got {sampling.max_new_tokens}")
+        if not 0 <= sampling.temperature <= 5:
+            raise ValueError(f"temperature must be between 0 (greedy) and 5, got {sampling.temperature}")
+        if not 0 < sampling.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], got {sampling.top_p}")
+        if not 0 <= sampling.seed < 2**32:
+            raise ValueError(f"seed must be between 0 and 2**32 - 1, got {sampling.seed}")
+        return inputs
+
+    def _generation_config(self, sampling: Sampling):
+        config = copy.deepcopy(self.model.generation_config)
+        sample = sampling.temperature > 0
+        config.update(max_new_tokens=sampling.max_new_tokens, do_sample=sample,
+                      temperature=sampling.temperature if sample else None,
+                      top_p=sampling.top_p if sample else None, top_k=0 if sample else None)
+        if config.pad_token_id is None:
+            config.pad_token_id = self.tokenizer.pad_token_id
+        return config
+
+    @torch.no_grad()
+    def continue_one(self, prompt: str, spec: Spec | None, sampling: Sampling = Sampling(),
+                     early_exit: bool = False, threshold: float | None = None) -> Continuation:
+        """One continuation of ``prompt`` under ``spec`` (None: unsteered), unscored."""
+        inputs = self._check(prompt, sampling)
+        config = self._generation_config(sampling)
+        exit_model = self.exit_model() if early_exit else None
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with self.lock, ExitStack() as stack:
+            if spec is not None:
+                stack.enter_context(steering(self.model, spec))
+            stats = None
+            if early_exit:
+                from generation import early_exit as exiting
+
+                threshold = self.exit_threshold if threshold is None else float(threshold)
+                stats = stack.enter_context(exiting(self.model, exit_model, threshold))
+            torch.manual_seed(int(sampling.seed))
+            start = time.perf_counter()
+            output = self.model.generate(**inputs, generation_config=config)
+            seconds = time.perf_counter() - start
+        new = output[0, inputs["input_ids"].shape[1]:]
+        return Continuation(self.tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds,
+                            None if stats is None else float(stats.layers_saved_fraction))
+
+    def generate(self, prompt: str, spec: Spec | None, sampling: Sampling = Sampling(),
+                 early_exit: bool = False, threshold: float | None = None) -> tuple[Continuation, Continuation]:
+        """Unsteered and steered continuations (same seed), each with its toxicity score."""
+        pair = [self.continue_one(prompt, s, sampling, early_exit, threshold) for s in (None, spec)]
+        scorer = self.scorer()
+        if scorer is None:
+            return tuple(dataclasses.replace(c, scorer=self.scorer_status) for c in pair)
+        scores = scorer.score([c.text for c in pair])
+        return tuple(dataclasses.replace(c, toxicity=float(s), scorer=scorer.name) for c, s in zip(pair, scores))
