@@ -2,10 +2,12 @@
 
 Both sample the same prompts with the same batching (``batch_size // samples`` prompts x
 ``samples`` continuations per ``generate`` call, left padded, nucleus p = 0.9, 20 new tokens).
-The eval side is the whole protocol: generation, toxicity scoring, the judge's perplexity pass,
-distinct-n and the per-batch JSONL commit. Runs alternate (plain, eval, plain, eval, ...) and the
+The eval side is the whole protocol: generation, toxicity scoring, perplexity, distinct-n and
+the per-batch JSONL commit. Unsteered, the judge's log-probs are read off ``generate``; steered
+(50 value vectors zeroed, both sides steered), the judge needs its own teacher-forced pass. Runs alternate (plain, eval, plain, eval, ...) and the
 fastest of each is kept, to damp noise from other work on the machine.
-Last line: ``RESULT eval_vs_generate=<eval seconds / generate seconds>`` (target <= 1.3).
+Last line: ``RESULT eval_vs_generate=<eval seconds / generate seconds> eval_vs_generate_steered=...``
+(target <= 1.3).
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ import torch
 from evaluation.prompts import load_prompts
 from evaluation.protocol import batch_seed, run_eval, sampling_kwargs
 from evaluation.toxicity import get_toxicity_scorer
-from steer import load_model
+from steer import Adapter, Spec, load_model, steering
 
 
-def plain_generate(model, tokenizer, prompts, samples, top_p, new_tokens, batch_size) -> tuple[float, int]:
+def plain_generate(model, tokenizer, prompts, samples, top_p, new_tokens, batch_size, spec=None) -> tuple[float, int]:
     """The baseline: batched generate only. Returns (seconds, generated tokens incl. padding)."""
     per_batch = max(1, batch_size // samples)
     kwargs = sampling_kwargs(tokenizer, samples, top_p, new_tokens)
@@ -29,7 +31,7 @@ def plain_generate(model, tokenizer, prompts, samples, top_p, new_tokens, batch_
     for b, s in enumerate(range(0, len(prompts), per_batch)):
         enc = tokenizer(prompts[s:s + per_batch], return_tensors="pt", padding=True).to(model.device)
         torch.manual_seed(batch_seed(0, b))
-        with torch.no_grad():
+        with torch.no_grad(), steering(model, spec):
             out = model.generate(**enc, **kwargs)
         tokens += out[:, enc["input_ids"].shape[1]:].numel()
     return time.perf_counter() - start, tokens
@@ -53,25 +55,31 @@ def main() -> None:
     settings = dict(samples=args.samples, top_p=0.9, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     plain_generate(model, tokenizer, prompts[:2], args.samples, 0.9, 4, args.batch_size)  # warm-up
 
-    plain, full = [], []
-    for _ in range(args.reps):
-        plain.append(plain_generate(model, tokenizer, prompts, args.samples, 0.9, args.max_new_tokens, args.batch_size))
-        with tempfile.TemporaryDirectory() as out:
-            start = time.perf_counter()
-            summary = run_eval(model, tokenizer, prompts, scorer=scorer, out_dir=out, progress=False, **settings)
-            full.append((time.perf_counter() - start, summary))
-    (plain_s, plain_tokens), (eval_s, summary) = min(plain), min(full, key=lambda x: x[0])
+    adapter = Adapter(model)
+    spec = Spec.build("zero50", [(adapter.n_layers - 1 - i % 10, 37 * i % adapter.d_ff, "scale", 0.0) for i in range(50)],
+                      model=model)
+    rows, ratios = [], {}
+    for label, key, use in (("unsteered", "eval_vs_generate", None), ("steered", "eval_vs_generate_steered", spec)):
+        plain, full = [], []
+        for _ in range(args.reps):
+            plain.append(plain_generate(model, tokenizer, prompts, args.samples, 0.9, args.max_new_tokens,
+                                        args.batch_size, use)[0])
+            with tempfile.TemporaryDirectory() as out:
+                start = time.perf_counter()
+                summary = run_eval(model, tokenizer, prompts, use, scorer=scorer, out_dir=out, progress=False, **settings)
+                full.append((time.perf_counter() - start, summary))
+        eval_s, summary = min(full, key=lambda x: x[0])
+        rows.append((label, min(plain), eval_s, summary))
+        ratios[key] = eval_s / min(plain)
     n = len(prompts) * args.samples
     print(f"{len(prompts)} prompts x {args.samples} samples, {args.max_new_tokens} new tokens, "
           f"batch {args.batch_size} sequences, {torch.get_num_threads()} threads, best of {args.reps}")
-    print(f"{'':34}{'seconds':>10}{'seq/s':>10}")
-    print(f"{'plain batched generate':34}{plain_s:>10.2f}{n / plain_s:>10.2f}")
-    print(f"{'steer eval (end to end)':34}{eval_s:>10.2f}{n / eval_s:>10.2f}")
-    print(f"{'  of which generate':34}{summary['gen_seconds']:>10.2f}")
-    print(f"{'  scoring, perplexity, records':34}{eval_s - summary['gen_seconds']:>10.2f}")
-    print(f"scorer {summary['scorer']}; EMT {summary['emt']:.3f}, perplexity {summary['perplexity']:.2f}")
-    print(f"RESULT eval_vs_generate={eval_s / plain_s:.3f} generate_in_eval_vs_plain={summary['gen_seconds'] / plain_s:.3f}")
-
+    print(f"{'':12}{'generate s':>12}{'eval s':>10}{'ratio':>8}{'eval: gen s':>13}{'rest s':>9}  EMT / perplexity")
+    for label, plain_s, eval_s, summary in rows:
+        print(f"{label:12}{plain_s:>12.2f}{eval_s:>10.2f}{eval_s / plain_s:>8.3f}{summary['gen_seconds']:>13.2f}"
+              f"{eval_s - summary['gen_seconds']:>9.2f}  {summary['emt']:.3f} / {summary['perplexity']:.2f}")
+    print(f"sequences/s (unsteered): generate {n / rows[0][1]:.2f}, eval {n / rows[0][2]:.2f}; scorer {rows[0][3]['scorer']}")
+    print("RESULT " + " ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ import hashlib
 import math
 import os
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -33,7 +33,7 @@ from steer.spec import Spec
 from steer.steering import steering
 
 from .diversity import distinct_n
-from .perplexity import continuation_perplexity
+from .perplexity import LogProbRecorder, continuation_perplexity, token_perplexity
 from .store import RunStore
 from .toxicity import ToxicityScorer, get_toxicity_scorer
 
@@ -91,13 +91,14 @@ def _rows(prompts) -> list[dict]:
     return rows
 
 
-def _generated_lengths(new: torch.Tensor, eos: int | list[int] | None) -> list[int]:
-    """Tokens each row generated, up to and including its first end-of-sequence token."""
+def _generated_lengths(new: torch.Tensor, eos: int | list[int] | None) -> tuple[list[int], list[int]]:
+    """Per row: tokens generated (up to and including the first end-of-sequence token), and
+    tokens of text (before it)."""
     if eos is None:
-        return [new.shape[1]] * new.shape[0]
+        return [new.shape[1]] * new.shape[0], [new.shape[1]] * new.shape[0]
     ends = torch.isin(new, torch.tensor(eos if isinstance(eos, list) else [eos], device=new.device))
-    first = torch.where(ends.any(1), ends.float().argmax(1) + 1, torch.full_like(ends[:, 0], new.shape[1], dtype=torch.long))
-    return first.tolist()
+    text = torch.where(ends.any(1), ends.float().argmax(1), torch.full_like(ends[:, 0], new.shape[1], dtype=torch.long))
+    return (text + ends.any(1).long()).tolist(), text.tolist()
 
 
 def summarize(batches: dict[int, tuple[dict, list[dict]]], **info: Any) -> dict[str, Any]:
@@ -133,7 +134,8 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
     """Run the protocol (see module docstring) and return its summary.
 
     ``spec``: a Spec applied with ``steer.steering`` (None: unsteered). ``judge``: (model,
-    tokenizer) for perplexity, default the generating model itself, unsteered. ``early_exit``:
+    tokenizer) for perplexity, default the generating model itself, unsteered (it then scores the
+    sampled token ids; another judge re-tokenizes the text). ``early_exit``:
     (exit model or path, threshold) for ``generation.early_exit``. ``batch_size``: sequences per
     ``generate`` call (prompts per call = batch_size // samples, at least 1). ``out_dir``: run
     folder; rerunning with the same folder resumes. Keys of the result: emt, emt_std, tox_prob,
@@ -143,6 +145,8 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
         raise ValueError("samples, max_new_tokens and batch_size must be >= 1 and top_p in (0, 1]")
     rows = _rows(prompts)
     scorer = get_toxicity_scorer(scorer) if scorer is None or isinstance(scorer, str) else scorer
+    if judge is not None and judge[0] is model:
+        judge = None
     judge_model, judge_tokenizer = judge or (model, tokenizer)
     per_batch = max(1, batch_size // samples)
     batches = [list(range(s, min(s + per_batch, len(rows)))) for s in range(0, len(rows), per_batch)]
@@ -171,22 +175,33 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
     for b in todo:
         idx = batches[b]
         enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+        # unsteered and judged by itself: read the judge's log-probs off generate (no second pass)
+        recorder = LogProbRecorder(model) if judge is None and spec is None and early_exit is None else nullcontext()
         torch.manual_seed(batch_seed(seed, b))
         with ExitStack() as stack, torch.no_grad():
             if spec is not None:
                 stack.enter_context(steering(model, spec))
             stats = stack.enter_context(_early_exit(model, early_exit))
+            stack.enter_context(recorder)
             start = time.perf_counter()
             out = model.generate(**enc, **kwargs)
             seconds = time.perf_counter() - start
             saved = float(stats.layers_saved_fraction) if stats is not None else None
         new = out[:, enc["input_ids"].shape[1]:]
-        lengths = _generated_lengths(new, eos)
+        lengths, text_lengths = _generated_lengths(new, eos)
         continuations = tokenizer.batch_decode(new, skip_special_tokens=True)
         toxicity = scorer.score(continuations)
-        perplexity = continuation_perplexity(judge_model, judge_tokenizer,
-                                             [texts[idx[k // samples]] for k in range(len(continuations))],
-                                             continuations, batch_size=batch_size)
+        if isinstance(recorder, LogProbRecorder):
+            perplexity = recorder.perplexity(new, text_lengths)
+        elif judge is None:  # the model itself, unsteered: score the sampled ids
+            prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+            perplexity = token_perplexity(model, [prompt_ids[k // samples] for k in range(len(new))],
+                                          [row[:n].tolist() for row, n in zip(new, text_lengths)],
+                                          tokenizer.pad_token_id or 0, batch_size)
+        else:  # another model: its own tokenization of the text
+            perplexity = continuation_perplexity(judge_model, judge_tokenizer,
+                                                 [texts[idx[k // samples]] for k in range(len(continuations))],
+                                                 continuations, batch_size=batch_size)
         out_rows = []
         for j, i in enumerate(idx):
             part = slice(j * samples, (j + 1) * samples)

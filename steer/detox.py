@@ -380,7 +380,7 @@ class HeldOut:
         logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
         logp = torch.log_softmax(logits.float(), -1)[cont.to(device)].cpu()  # (tokens, vocab)
         targets = input_ids[:, 1:][cont[:, :-1]]
-        return logp.half(), logp.gather(-1, targets[:, None])[:, 0], toxic[cont]
+        return logp, logp.gather(-1, targets[:, None])[:, 0], toxic[cont]
 
     def check(self, spec: Spec | None) -> Check:
         from .steering import steering
@@ -388,13 +388,11 @@ class HeldOut:
         kl_sum, tokens, drops = 0.0, 0, []
         for batch, (base, base_target, toxic) in zip(_batches(self.samples, self.batch_size), self.base):
             if spec is None:
-                steered, steered_target = base.float(), base_target
+                steered, steered_target = base, base_target
             else:
                 with steering(self.model, spec):
                     steered, steered_target, _ = self._run(batch)
-                steered = steered.float()
-            p = steered.exp()
-            kl_sum += float((p * (steered - base.float())).sum())
+            kl_sum += float((steered.exp() * (steered - base)).sum())
             tokens += base.shape[0]
             # per toxic span (consecutive toxic tokens), summed over its tokens
             diff = (steered_target - base_target)

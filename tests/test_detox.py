@@ -43,19 +43,20 @@ def test_attribution_matches_finite_differences(family):
     samples = _samples()
     att = attribute(model, samples, batch_size=4)
     assert att.n_samples == 6 and att.n_spans == 3
-    base = _loglik(model, samples)
-    layer, eps = 1, 1e-3
+    layer, eps = 1, 0.05  # not smaller: some float32 steps (RoPE tables) add noise
     for index in (0, 5, 17):
-        spec = Spec.build("s", [(layer, index, "scale", 1 + eps)])
-        diff = (_loglik(model, samples, spec) - base) / eps
+        up = _loglik(model, samples, Spec.build("s", [(layer, index, "scale", 1 + eps)]))
+        down = _loglik(model, samples, Spec.build("s", [(layer, index, "scale", 1 - eps)]))
+        diff = (up - down) / (2 * eps)  # central differences: exact to second order
         # toxic log-likelihood: d/ds = sum g*a
         assert diff[:, 0].sum().item() == pytest.approx(att.tox_ga[layer, index].item(), rel=2e-2, abs=1e-6)
         # Fisher term: sum over samples of (d log p(sample) / ds)^2 = hh
         assert (diff[:, 1] ** 2).sum().item() == pytest.approx(att.hh[layer, index].item(), rel=5e-2, abs=1e-8)
         # "set t" moves every coefficient by t - a: linear in t, slope sum g = tox_g
-        t = 1e-3
-        spec_set = Spec.build("s", [(layer, index, "add", t)])
-        slope = (_loglik(model, samples, spec_set) - base)[:, 0].sum().item() / t
+        t = 0.01
+        up = _loglik(model, samples, Spec.build("s", [(layer, index, "add", t)]))
+        down = _loglik(model, samples, Spec.build("s", [(layer, index, "add", -t)]))
+        slope = (up - down)[:, 0].sum().item() / (2 * t)
         assert slope == pytest.approx(att.tox_g[layer, index].item(), rel=2e-2, abs=1e-6)
     assert (att.low <= att.high).all()
     assert all(p.requires_grad for p in model.parameters())  # restored
@@ -74,7 +75,7 @@ def _attribution(**values) -> Attribution:
 
 
 def test_candidates_take_the_best_value_in_range():
-    att = _attribution(tox_g=((0, 1), 2.0), tox_ga=((1, 2), 0.5), gh=((0, 1), 0.3), hh=((1, 2), 4.0))
+    att = _attribution(tox_g=((0, 1), 10.0), tox_ga=((1, 2), 6.0), gh=((0, 1), 0.3), hh=((1, 2), 4.0))
     lam = 3.0
     found = {(c.layer, c.index): c for c in candidates(att, lam)}
     assert set(found) == {(0, 1), (1, 2)}  # vectors with no toxic gradient are never chosen
@@ -127,8 +128,8 @@ def test_held_out_check_is_zero_for_no_edit():
     model = tiny_model("llama")
     held = HeldOut(model, _samples(1), batch_size=4)
     empty = held.check(Spec.build("empty", [], model=model))
-    assert empty.kl == pytest.approx(0.0, abs=1e-4) and empty.toxic_drop == pytest.approx(0.0, abs=1e-2)
-    spec = Spec.build("kill", [(1, i, "scale", 0.0) for i in range(64)], model=model)
+    assert empty.kl == 0.0 and empty.toxic_drop == 0.0 and empty.toxic_mass == 1.0
+    spec = Spec.build("boost", [(layer, i, "scale", 20.0) for layer in (0, 1) for i in range(64)], model=model)
     assert held.check(spec).kl > 1e-3
 
 

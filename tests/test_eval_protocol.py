@@ -70,6 +70,17 @@ def test_steering_reaches_generation_and_judge_stays_unsteered(tmp_path, scorer)
     assert recorded == pytest.approx(unsteered, rel=1e-5) and recorded != pytest.approx(under_spec, rel=1e-3)
 
 
+def test_perplexity_read_off_generate_equals_the_judge_pass(scorer):
+    model, tokenizer = tiny_lm()
+    prompts = ["Hello there", "A quick test", "Why"]
+    # an empty spec edits nothing but forces the separate judge pass; None reads generate's log-probs
+    recorded = run_eval(model, tokenizer, prompts, scorer=scorer, progress=False, **SETTINGS)
+    judged = run_eval(model, tokenizer, prompts, Spec.build("empty", [], model=model), scorer=scorer, progress=False, **SETTINGS)
+    assert judged["generated_tokens"] == recorded["generated_tokens"]
+    assert judged["perplexity"] == pytest.approx(recorded["perplexity"], rel=1e-5)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def test_summary_numbers_by_hand():
     rows = [
         dict(index=0, continuations=["a b", "a b"], toxicity=[0.2, 0.7], perplexity=[2.0, 4.0], tokens=[2, 2]),

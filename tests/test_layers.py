@@ -216,3 +216,13 @@ def test_nothing_is_left_behind():
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_processor_applies_layer_ops_inside_generate():
+    model = four_layers("qwen2", seed=3)
+    spec = Spec.build("r", [], model=model, layers=[LayerOp.repeat(1, 2), LayerOp.skip(3)])
+    processor = SteeringProcessor(model, spec)
+    got = model.generate(IDS, attention_mask=MASK, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         logits_processor=[processor])
+    assert torch.equal(got, greedy(rebuild(model, [0, 1, 1, 2])))
+    assert untouched(model)

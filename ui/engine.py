@@ -95,7 +95,7 @@ class SteerDemo:
         self._exit_source, self._exit_model, self.exit_threshold = exit_model, None, exit_threshold
         self._index: VocabIndex | None = None
         self._lexicon: Concept | None = None
-        self._scores: dict[tuple[int, ...], torch.Tensor] = {}  # concept token ids -> concept_scores
+        self._scores: dict[tuple, torch.Tensor] = {}  # concept (token ids, background) -> concept_scores
         self.preset, self.preset_error = self._load_preset()
         self.exit_error = self._check_exit()
 
@@ -240,7 +240,7 @@ class SteerDemo:
         The scores of all vectors are cached per concept, so moving the count or strength
         slider does not recompute them (about 30 GFLOP on the embedded model).
         """
-        key = tuple(concept.token_ids)
+        key = (tuple(concept.token_ids), tuple(getattr(concept, "background", None) or ()))
         with self._side_lock:
             if key not in self._scores:
                 if len(self._scores) >= 32:
