@@ -236,3 +236,15 @@ def test_accelerate_launch_two_processes_merge_to_the_single_process_result(tmp_
     reference = run_eval(model, tokenizer, load_prompt_set(limit=8).to_list(), scorer=scorer, progress=False,
                          **dict(SETTINGS, batch_size=4))
     assert stable(json.loads((out / "none" / "summary.json").read_text())) == stable(json.loads(json.dumps(reference)))
+
+
+@pytest.mark.embedded
+def test_embedded_model_protocol_numbers_are_sane_and_both_perplexity_paths_agree(embedded, scorer):
+    model, tokenizer = embedded
+    prompts = load_prompt_set(limit=3).to_list()
+    plain = run_eval(model, tokenizer, prompts, scorer=scorer, progress=False, samples=2, max_new_tokens=8, batch_size=6)
+    judged = run_eval(model, tokenizer, prompts, Spec.build("empty", [], model=model), scorer=scorer, progress=False,
+                      samples=2, max_new_tokens=8, batch_size=6)
+    assert 1 < plain["perplexity"] < 200 and 0 <= plain["emt"] <= 1 and 0 < plain["generated_tokens"] <= 48
+    assert judged["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-3)
+    assert judged["distinct_1"] == plain["distinct_1"] and judged["emt"] == plain["emt"]
