@@ -58,10 +58,36 @@ def batch_seed(seed: int, batch: int) -> int:
     return (seed * 1_000_003 + batch * 7_919) % (2**31 - 1)
 
 
-def sampling_kwargs(tokenizer, samples: int, top_p: float, max_new_tokens: int) -> dict[str, Any]:
+def sampling_kwargs(tokenizer, top_p: float, max_new_tokens: int) -> dict[str, Any]:
     """Pure nucleus sampling as in RealToxicityPrompts (no top-k, temperature 1)."""
     return dict(do_sample=True, top_p=top_p, top_k=0, temperature=1.0, max_new_tokens=max_new_tokens,
-                num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id)
+                pad_token_id=tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def generate_samples(model, enc, samples: int, share_prefill: bool = True, recorder=None, **kwargs: Any) -> torch.Tensor:
+    """``samples`` continuations of every prompt in ``enc`` (rows ``i*samples .. i*samples+samples-1``).
+
+    ``generate(num_return_sequences=k)`` copies each prompt k times before its forward pass, so
+    with 25 samples the prompt is encoded 25 times. Here each prompt runs once (all but its last
+    token, into a KV cache), the cache rows are repeated, and ``generate`` goes on from there:
+    the same distribution (equal tokens under greedy decoding), a fraction of the prompt cost.
+    """
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    recorder = recorder if recorder is not None else nullcontext()  # entered around generate only
+    if samples == 1 or not share_prefill or ids.shape[1] < 2:
+        with recorder:
+            return model.generate(**enc, num_return_sequences=samples, **kwargs)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    head = mask[:, :-1]
+    model(input_ids=ids[:, :-1], attention_mask=head, position_ids=(head.cumsum(-1) - 1).clamp(min=0),
+          past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(samples)
+    with recorder:
+        return model.generate(input_ids=ids.repeat_interleave(samples, 0), attention_mask=mask.repeat_interleave(samples, 0),
+                              past_key_values=cache, **kwargs)
 
 
 @contextmanager
@@ -167,7 +193,9 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
     mine = [b for b in range(len(batches)) if b % world == rank]
     todo = [b for b in mine if b not in done]
     device = next(model.parameters()).device
-    kwargs = sampling_kwargs(tokenizer, samples, top_p, max_new_tokens)
+    kwargs = sampling_kwargs(tokenizer, top_p, max_new_tokens)
+    # layer ops add cache slots and early exit owns the decoding loop: let generate do it all there
+    share = early_exit is None and not (spec is not None and getattr(spec, "layers", ()))
     eos = model.generation_config.eos_token_id
     results = dict(done)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=info["name"], unit="batch",
@@ -182,9 +210,8 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
             if spec is not None:
                 stack.enter_context(steering(model, spec))
             stats = stack.enter_context(_early_exit(model, early_exit))
-            stack.enter_context(recorder)
             start = time.perf_counter()
-            out = model.generate(**enc, **kwargs)
+            out = generate_samples(model, enc, samples, share, recorder=recorder, **kwargs)
             seconds = time.perf_counter() - start
             saved = float(stats.layers_saved_fraction) if stats is not None else None
         new = out[:, enc["input_ids"].shape[1]:]

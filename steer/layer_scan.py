@@ -50,10 +50,12 @@ class _Tally:
     positions: int = 0
 
     def add(self, logits: torch.Tensor, ids: torch.Tensor, reference: torch.Tensor) -> None:
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+        # Targets shifted in place of slicing the logits: a (batch, T - 1, vocab) slice would be copied.
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
         self.nll += float(nll)
         self.tokens += ids[:, 1:].numel()
-        self.agree += int((logits.argmax(-1) == reference).sum())
+        self.agree += int((logits.max(-1).indices == reference).sum())
         self.positions += reference.numel()
 
     @property
@@ -128,7 +130,7 @@ def scan_skips(model, blocks: torch.Tensor, base: Sequence[int] = (), candidates
         with _recording(adapter.layers, outputs), layer_ops(model, [LayerOp.skip(*base)] if base else []):
             logits = _forward(model, ids)
         if b == len(reference):
-            reference.append(logits.argmax(-1))
+            reference.append(logits.max(-1).indices)
         base_tally.add(logits, ids, reference[b])
         del logits
         for k in candidates:

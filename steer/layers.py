@@ -6,12 +6,17 @@ Ops rewrite *positions* of the layer stack; each position is touched by at most 
       - {op: skip, layers: [3, 5]}                      # positions 3 and 5 pass their input through
       - {op: reorder, range: [8, 11], order: [11, 10, 9, 8]}   # position 8 runs layer 11, ...
       - {op: parallel, range: [14, 17]}                 # layers 14..17 read one input, outputs averaged
+                                                          # (for residual blocks: h + mean of their updates)
       - {op: repeat, layer: 20, times: 2}               # layer 20 runs twice in a row
 
 Ranges are inclusive (``[8, 11]`` is four layers). While :func:`layer_ops` is active, each touched
 layer's ``forward`` is replaced by its position's program and restored in ``finally``
 (tuned-lens ``model_surgery`` style); the ModuleList, the weights and the model's own loop are
 left alone, so value-vector hooks, ``output_hidden_states`` and ``generate`` work unchanged.
+Hooks on a decoder layer module see its *position*'s input and output; a layer run at another
+position (reorder, parallel, repeat) is called through its original forward, so its FFN hooks fire
+every time it runs. A position is called with the attention mask of its own type, so on models
+mixing sliding and full attention a layer may only run at a position of its type (checked).
 
 KV cache. Every *execution* of a layer gets its own cache slot: the k-th executed layer of an
 attention type (full, sliding, ...) writes the k-th slot of that type, and executions beyond the

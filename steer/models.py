@@ -112,6 +112,8 @@ def load_model(
             "file, or nothing for the embedded SmolLM2-135M-Instruct."
         ) from err
     Adapter(model)  # fail now, with the list of supported families, not later inside a hook
+    if name_or_path is None:
+        model.config.name_or_path = EMBEDDED_NAME  # not the cache folder it was read from
     if device is not None and device_map is None:
         model.to(device)
     model.eval()

@@ -12,17 +12,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from evaluation.perplexity import continuation_perplexity
 from evaluation.prompts import load_prompt_set
-from evaluation.protocol import TIMING_KEYS, run_eval, summarize
+from evaluation.protocol import TIMING_KEYS, generate_samples, run_eval, summarize
 from evaluation.report import pareto_front, write_reports
 from evaluation.store import RunStore
 from evaluation.sweep import Point, SweepConfig, first_vectors, point_spec, with_strength
 from evaluation.toxicity import ProfanityCheckScorer
 from steer import Spec, steering
-from test_eval_helpers import save_tiny_lm, tiny_lm
+from conftest import tiny_model
+from test_eval_helpers import char_tokenizer, save_tiny_lm, tiny_lm
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = dict(samples=2, max_new_tokens=6, batch_size=2)
@@ -79,6 +81,18 @@ def test_perplexity_read_off_generate_equals_the_judge_pass(scorer):
     assert judged["generated_tokens"] == recorded["generated_tokens"]
     assert judged["perplexity"] == pytest.approx(recorded["perplexity"], rel=1e-5)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt"])
+def test_shared_prefill_generates_what_plain_generate_does(family):
+    model, tokenizer = tiny_model(family), char_tokenizer()
+    enc = tokenizer(["Hello there", "Hi", "A longer prompt, padded less"], return_tensors="pt", padding=True)
+    kwargs = dict(do_sample=True, top_k=1, max_new_tokens=5, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    shared = generate_samples(model, enc, 3, True, **kwargs)
+    plain = generate_samples(model, enc, 3, False, **kwargs)
+    assert torch.equal(shared.sequences, plain.sequences) and shared.sequences.shape == (9, enc["input_ids"].shape[1] + 5)
+    for a, b in zip(shared.logits, plain.logits):
+        assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_summary_numbers_by_hand():

@@ -105,6 +105,21 @@ def test_concurrent_requests_each_get_their_own_steering(demo, tiny):
     assert together == {k: [alone[k]] * 3 for k in specs}
 
 
+def test_early_exit_reports_layers_saved(tiny, tokenizer):
+    import generation
+
+    if not all(hasattr(generation, n) for n in ("early_exit", "fit_exit_model")):
+        pytest.skip("generation.early_exit / fit_exit_model are not written yet")
+    text = " ".join(["The weather today is mild and the rain will stop by the evening."] * 40)
+    demo = SteerDemo(tiny, tokenizer, exit_model=generation.fit_exit_model(tiny, tokenizer, text))
+    plain, steered = demo.generate(PROMPT, spec_a(tiny), SAMPLED)
+    never = demo.generate(PROMPT, spec_a(tiny), SAMPLED, early_exit=True, threshold=1.0)
+    assert [c.text for c in never] == [plain.text, steered.text]  # threshold 1 never exits
+    assert [c.layers_saved for c in never] == [0.0, 0.0]
+    eager = demo.generate(PROMPT, spec_a(tiny), SAMPLED, early_exit=True, threshold=0.0)
+    assert all(0.0 < c.layers_saved < 1.0 for c in eager)
+
+
 def test_inputs_are_bounded_with_clear_messages(demo, tiny):
     spec = spec_a(tiny)
     with pytest.raises(ValueError, match="type a prompt"):

@@ -102,7 +102,8 @@ def build_app(demo: SteerDemo) -> gr.Blocks:
                     max_new = gr.Slider(1, limits.max_new_tokens, value=30, step=1, label="Max new tokens")
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                 early = gr.Checkbox(False, label="Early exit", interactive=demo.early_exit_available,
-                                    info="skip the last layers once the exit model is confident" if
+                                    info=("skip the last layers once the exit model is confident"
+                                          + ("" if demo.has_exit_model else "; the first use fits it (slow)")) if
                                     demo.early_exit_available else f"unavailable: {demo.exit_error}")
                 threshold = gr.Slider(0.5, 1.0, value=demo.exit_threshold, step=0.01, label="Exit threshold",
                                       visible=demo.early_exit_available)

@@ -136,19 +136,25 @@ class SteerDemo:
             import generation
         except ImportError as err:
             return f"the generation package is not available ({err})"
-        missing = [n for n in ("early_exit", "load_exit_model") if not hasattr(generation, n)]
-        if missing:
-            return f"generation lacks {', '.join(missing)}"
-        if self._exit_source is None and getattr(generation, "default_exit_model", None) is None:
-            return "no exit model given (start with --exit-model PATH)"
-        return None
+        needed = ["early_exit", "load_exit_model" if self._exit_source is not None else "fit_exit_model"]
+        missing = [n for n in needed if not hasattr(generation, n)]
+        return f"generation lacks {', '.join(missing)}" if missing else None
 
     @property
     def early_exit_available(self) -> bool:
         return self.exit_error is None
 
+    @property
+    def has_exit_model(self) -> bool:
+        return self._exit_model is not None or self._exit_source is not None
+
     def exit_model(self):
-        """The exit model, loaded (or found for this model) on first use."""
+        """The exit model: the one given (object or saved path), else one fitted on first use.
+
+        Fitting reads the "fit" split of the Python-docstring prose corpus
+        (:func:`generation.corpus.docstring_text`); it runs the model with recording hooks, so it
+        holds the model lock like any generation.
+        """
         if self.exit_error is not None:
             raise ValueError(f"early exit is unavailable: {self.exit_error}")
         with self._side_lock:
@@ -157,7 +163,11 @@ class SteerDemo:
 
                 source = self._exit_source
                 if source is None:
-                    self._exit_model = generation.default_exit_model(self.model)
+                    from generation.corpus import docstring_text
+
+                    with self.lock:
+                        self._exit_model = generation.fit_exit_model(self.model, self.tokenizer,
+                                                                     docstring_text("fit"))
                 elif isinstance(source, (str, Path)):
                     self._exit_model = generation.load_exit_model(source)
                 else:
