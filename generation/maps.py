@@ -85,6 +85,18 @@ class MapFitter:
         self._xty[layer] += x.T @ y
         self.count[layer] += x.shape[0]
 
+    def merge(self, other: "MapFitter") -> "MapFitter":
+        """Add ``other``'s rows to this fitter (e.g. two folds into one); returns self."""
+        for layer, xtx in other._xtx.items():
+            if layer in self._xtx:
+                self._xtx[layer] += xtx
+                self._xty[layer] += other._xty[layer]
+                self.count[layer] += other.count[layer]
+            else:
+                self._xtx[layer], self._xty[layer] = xtx.clone(), other._xty[layer].clone()
+                self.count[layer] = other.count[layer]
+        return self
+
     def solve(self) -> LayerMaps:
         """Ridge solution per layer; ``ridge`` is relative to the mean diagonal of ``X^T X``."""
         if not self._xtx:

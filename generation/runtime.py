@@ -219,9 +219,9 @@ def early_exit(model: torch.nn.Module, exit_model: "ExitModel", threshold: float
         raise ValueError(f"positions must be 'last' or 'all', not {positions!r}")
     if propagate not in ("hidden", "mapped"):
         raise ValueError(f"propagate must be 'hidden' or 'mapped', not {propagate!r}")
-    exit_rule = exit_model.rule(rule, threshold)
+    adapter = Adapter(model)
+    exit_rule = exit_model.rule(rule, threshold, readout=adapter.readout)
     controller = _Controller(model, exit_model, exit_rule, positions, propagate)
-    adapter = controller.adapter
     saved: list[tuple[torch.nn.Module, Any]] = []
     handles = []
     try:

@@ -1,0 +1,107 @@
+"""What ``steer early-exit fit`` produces: layer maps, an exit classifier, and whose model it is.
+
+Saved as a folder: ``exit_model.json`` (metadata, classifier, calibration measured on the fit
+text) and ``maps.safetensors`` (the least-squares maps). Loading checks nothing about the
+model; :meth:`ExitModel.check_model` (called by :func:`generation.early_exit`) refuses a model
+other than the one the maps were fitted for, naming both.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from steer import Adapter, model_name
+
+from .maps import LayerMaps
+from .rules import ClassifierRule, ConfidenceRule, ExitRule, check_threshold
+
+FORMAT = 1
+RULES = ("classifier", "confidence")
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Hash of the model's shape and a few of its weights (cheap; differs between checkpoints)."""
+    adapter = Adapter(model)
+    digest = hashlib.sha1(f"{model.config.model_type}:{adapter.n_layers}:{adapter.vocab_size}".encode())
+    tensors = [adapter.unembed.weight[:64], adapter.value_vectors(0)[:8], adapter.value_vectors(adapter.n_layers - 1)[:8]]
+    if adapter.final_norm is not None and getattr(adapter.final_norm, "weight", None) is not None:
+        tensors.append(adapter.final_norm.weight)
+    for tensor in tensors:
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class ExitModel:
+    """Everything early exit needs for one model."""
+
+    model_name: str
+    fingerprint: str
+    n_layers: int
+    d_model: int
+    maps: LayerMaps
+    check_layers: list[int]
+    weight: torch.Tensor  # (n_check, n_features) classifier weights (standardisation folded in)
+    bias: torch.Tensor  # (n_check,)
+    default_threshold: float = 0.9
+    info: dict = field(default_factory=dict)  # fit statistics and the calibration curve
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise a clear error if ``model`` is not the model this exit model was fitted for."""
+        adapter = Adapter(model)
+        mine = f"{self.model_name!r} ({self.n_layers} layers, fingerprint {self.fingerprint})"
+        theirs = f"{model_name(model)!r} ({adapter.n_layers} layers, fingerprint {fingerprint(model)})"
+        if adapter.n_layers != self.n_layers or fingerprint(model) != self.fingerprint:
+            raise ValueError(f"this exit model was fitted for {mine}, not for {theirs}: "
+                             "fit one for this model with `steer early-exit fit`")
+
+    def rule(self, name: str | None, threshold: float, readout=None) -> ExitRule:
+        """The named rule (default: the classifier) at ``threshold`` in [0, 1]."""
+        threshold = check_threshold(threshold)
+        name = name or "classifier"
+        if name == "classifier":
+            return ClassifierRule(self.check_layers, self.weight, self.bias, self.n_layers, threshold)
+        if name == "confidence":
+            if readout is None:
+                raise ValueError("the confidence rule needs the model's readout")
+            return ConfidenceRule(self.check_layers, self.maps, readout, threshold)
+        raise ValueError(f"unknown exit rule {name!r}: choose from {', '.join(RULES)}")
+
+    def save(self, path: str | Path) -> Path:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT, "model_name": self.model_name, "fingerprint": self.fingerprint,
+            "n_layers": self.n_layers, "d_model": self.d_model, "check_layers": self.check_layers,
+            "default_threshold": self.default_threshold, "info": self.info,
+        }
+        tensors = dict(self.maps.state_dict(), **{"classifier.weight": self.weight.contiguous(),
+                                                  "classifier.bias": self.bias.contiguous()})
+        save_file(tensors, str(folder / "maps.safetensors"))
+        (folder / "exit_model.json").write_text(json.dumps(meta, indent=1))
+        return folder
+
+
+def load_exit_model(path: str | Path) -> ExitModel:
+    """Load a folder written by :meth:`ExitModel.save` (or ``steer early-exit fit``)."""
+    folder = Path(path)
+    meta_path, tensor_path = folder / "exit_model.json", folder / "maps.safetensors"
+    if not meta_path.exists() or not tensor_path.exists():
+        raise FileNotFoundError(f"{folder} is not an exit model folder (expected exit_model.json and "
+                                "maps.safetensors, written by `steer early-exit fit --out DIR`)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path} has format {meta.get('format')!r}; this version reads format {FORMAT}")
+    tensors = load_file(str(tensor_path))
+    return ExitModel(
+        model_name=meta["model_name"], fingerprint=meta["fingerprint"], n_layers=meta["n_layers"],
+        d_model=meta["d_model"], maps=LayerMaps.from_state_dict(tensors), check_layers=list(meta["check_layers"]),
+        weight=tensors["classifier.weight"], bias=tensors["classifier.bias"],
+        default_threshold=float(meta["default_threshold"]), info=meta.get("info", {}),
+    )

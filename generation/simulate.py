@@ -1,0 +1,54 @@
+"""Offline (teacher-forced) simulation of exit rules from per-token, per-check-layer records.
+
+Given, for N tokens and the check layers, whether the mapped top-1 equals the full model's
+(``correct``) and each rule's score, these compute where every token would exit and what that
+saves. This is how curves over many thresholds are drawn cheaply; :mod:`generation.evaluate`
+also runs the real thing (KV propagation included) at a few thresholds.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .rules import layer_bounds
+
+
+def first_exit(fires: np.ndarray, layers: list[int], n_layers: int) -> np.ndarray:
+    """Exit layer per token: the first check layer whose column fires, else the last layer."""
+    exit_layer = np.full(fires.shape[0], n_layers - 1)
+    for j in range(len(layers) - 1, -1, -1):
+        exit_layer = np.where(fires[:, j], layers[j], exit_layer)
+    return exit_layer
+
+
+def classifier_exits(logits: np.ndarray, layers: list[int], n_layers: int, threshold: float) -> np.ndarray:
+    return first_exit(logits > np.array(layer_bounds(layers, n_layers, threshold)), layers, n_layers)
+
+
+def confidence_exits(top_prob: np.ndarray, layers: list[int], n_layers: int, threshold: float) -> np.ndarray:
+    if threshold >= 1.0:
+        return np.full(top_prob.shape[0], n_layers - 1)
+    return first_exit(top_prob > threshold, layers, n_layers)
+
+
+def oracle_exits(correct: np.ndarray, layers: list[int], n_layers: int) -> np.ndarray:
+    """The earliest check layer from which the mapped top-1 equals the final one and stays so."""
+    stays = np.ones(correct.shape[0], dtype=bool)
+    fires = np.zeros_like(correct, dtype=bool)
+    for j in range(len(layers) - 1, -1, -1):
+        stays &= correct[:, j].astype(bool)
+        fires[:, j] = stays
+    return first_exit(fires, layers, n_layers)
+
+
+def outcome(exit_layer: np.ndarray, correct: np.ndarray, layers: list[int], n_layers: int) -> tuple[float, float]:
+    """(share of layer compute saved, top-1 agreement with the full model)."""
+    agree = np.ones(exit_layer.shape[0], dtype=bool)
+    for j, layer in enumerate(layers):
+        agree = np.where(exit_layer == layer, correct[:, j].astype(bool), agree)
+    return float(((n_layers - 1 - exit_layer) / n_layers).mean()), float(agree.mean())
+
+
+def saved_at(points: list[tuple[float, float]], agreement: float = 0.95) -> float:
+    """Most compute saved among curve points whose agreement is at least ``agreement``."""
+    ok = [saved for saved, agree in points if agree >= agreement]
+    return max(ok) if ok else 0.0
