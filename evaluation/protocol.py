@@ -232,9 +232,9 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
         out_rows = []
         for j, i in enumerate(idx):
             part = slice(j * samples, (j + 1) * samples)
-            extra = {k: v for k, v in rows[i].items() if k != "text"}
-            out_rows.append(dict(index=i, prompt=texts[i], **extra, continuations=continuations[part],
-                                 toxicity=toxicity[part], perplexity=perplexity[part], tokens=lengths[part]))
+            extra = {k: v for k, v in rows[i].items() if k not in ("text", "batch", "done")}  # the store's keys
+            out_rows.append({**extra, "index": i, "prompt": texts[i], "continuations": continuations[part],
+                             "toxicity": toxicity[part], "perplexity": perplexity[part], "tokens": lengths[part]})
         footer = dict(tokens=int(sum(lengths)), seconds=seconds, layers_saved=saved)
         if store is not None:
             store.append(b, out_rows, footer)

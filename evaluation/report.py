@@ -98,6 +98,7 @@ def plot(summaries: Sequence[dict], path: Path, title: str | None = None) -> Non
 def write_reports(summaries: Sequence[dict], folder: str | Path, title: str | None = None) -> dict[str, Path]:
     """summary.md, summary.csv and pareto.png in ``folder``."""
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": folder / "summary.md", "csv": folder / "summary.csv", "plot": folder / "pareto.png"}
     paths["markdown"].write_text(markdown_table(summaries, title))
     write_csv(summaries, paths["csv"])

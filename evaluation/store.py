@@ -102,7 +102,7 @@ class RunStore:
 
     def append(self, batch: int, rows: list[dict], footer: dict) -> None:
         """Commit one batch: its rows then its footer, in one write, flushed to disk."""
-        lines = [json.dumps({"batch": batch, **row}) for row in rows]
+        lines = [json.dumps({**row, "batch": batch}) for row in rows]
         lines.append(json.dumps({"batch": batch, "done": True, **footer}))
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write("".join(line + "\n" for line in lines))

@@ -229,8 +229,7 @@ def point_spec(model, point: Point, cache: dict[str, Spec | None]) -> Spec | Non
         return None
     if point.n_vectors is not None:
         spec = first_vectors(spec, point.n_vectors)
-    spec = with_strength(spec, point.strength)
-    return spec.with_edits(spec.edits, name=point.name)
+    return with_strength(spec, point.strength)
 
 
 def run_sweep(config: SweepConfig, progress: bool = True) -> list[dict]:
@@ -246,13 +245,13 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[dict]:
     out = ensure_writable(config.out or "runs/sweep")
     points = grid_points(config.grid)
     prompts = load_prompt_set(config.prompts, config.limit, config.challenging).to_list()
-    scorer = get_toxicity_scorer(config.scorer, device=config.device, config_dir=config.detoxify_config)
     rank, world, _ = process_shard()
     device = config.device
     if device is None and world > 1:
         from accelerate import PartialState
 
         device = PartialState().device  # this process's GPU (or the CPU)
+    scorer = get_toxicity_scorer(config.scorer, device=device, config_dir=config.detoxify_config)
     model, tokenizer = load_model(config.model, device=device, dtype=config.dtype)
     judge = None
     if config.judge == "embedded" and config.model is not None or config.judge not in ("embedded", "self"):

@@ -85,3 +85,25 @@ def test_rerun_with_other_settings_refuses_and_keeps_results(tmp_path, capsys):
     code, _, err = run(capsys, *base, *TINY[:-1], "--seed", "7")
     assert code == 2 and "holds results of another configuration (differs in seed)" in err
     assert (tmp_path / "o" / "none" / "records-rank0.jsonl").read_text() == before
+
+
+def test_prompt_sources(tmp_path, monkeypatch):
+    import datasets
+
+    from evaluation.prompts import load_prompt_set, load_prompts
+
+    shipped = load_prompt_set()
+    assert len(shipped) == 400 and set(shipped["category"]) == {"insult", "profanity", "severe_toxicity", "threat"}
+    (tmp_path / "p.txt").write_text("first prompt\n\n  second one\n")
+    assert load_prompts(tmp_path / "p.txt") == ["first prompt", "  second one"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": {"text": "a", "toxicity": 0.9}, "challenging": true}\n'
+                                      '{"prompt": {"text": "b", "toxicity": 0.1}, "challenging": false}\n')
+    rows = load_prompt_set(tmp_path / "p.jsonl", challenging=True).to_list()
+    assert rows == [{"text": "a", "challenging": True, "prompt_toxicity": 0.9}]
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no internet")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match="cannot load allenai/real-toxicity-prompts from the hub .*offline, pass a local"):
+        load_prompt_set("hub:allenai/real-toxicity-prompts", challenging=True)

@@ -20,7 +20,7 @@ from evaluation.prompts import load_prompt_set
 from evaluation.protocol import TIMING_KEYS, generate_samples, run_eval, summarize
 from evaluation.report import pareto_front, write_reports
 from evaluation.store import RunStore
-from evaluation.sweep import Point, SweepConfig, first_vectors, point_spec, with_strength
+from evaluation.sweep import Grid, Point, SweepConfig, first_vectors, grid_points, point_spec, with_strength
 from evaluation.toxicity import ProfanityCheckScorer
 from steer import Spec, steering
 from conftest import tiny_model
@@ -134,6 +134,10 @@ def test_spec_transforms():
     assert [(e.layer, e.index) for e in first_vectors(spec, 2).edits] == [(0, 1), (1, 2), (1, 2)]
     with pytest.raises(ValueError, match="has 3 vectors"):
         first_vectors(spec, 4)
+    points = grid_points(Grid(intervention=["none", "specs/a.json"], strength=[0.5, 1], n_vectors=[None, 2],
+                              early_exit=[False, True]))
+    assert [p.name for p in points] == ["none", "none-exit", "a-s0.5", "a-s0.5-exit", "a-s0.5-n2", "a-s0.5-n2-exit",
+                                        "a", "a-exit", "a-n2", "a-n2-exit"]
 
 
 def test_pareto_front_and_reports(tmp_path):

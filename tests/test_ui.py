@@ -12,11 +12,12 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_model
 from steer import Concept, Spec, SpecError, VectorName, rank_vectors
 from steer.models import prepare_tokenizer
-from ui.engine import BY_INDEX, BY_SCORE, COLUMNS, LEXICON, PROMOTE, SUPPRESS, WORDS, Limits, Sampling, SteerDemo, \
+from ui.engine import BY_INDEX, BY_SCORE, COLUMNS, LEXICON, PRESET, PROMOTE, SUPPRESS, WORDS, Limits, Sampling, SteerDemo, \
     apply_strength
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=8)
@@ -72,6 +73,24 @@ def test_concept_spec_takes_the_top_ranked_vectors(demo, tiny, tokenizer):
         demo.concept_spec(WORDS, "  ")
 
 
+def test_detox_preset_is_the_default_when_one_fits(tiny, tokenizer, monkeypatch):
+    import steer.detox
+
+    preset = Spec.build("detox preset", [("L1.N4", "scale", -1.0), ("L0.N2", "set", 2.0), ("L1.N8", "add", 1.0)],
+                        model=tiny)
+    monkeypatch.setattr(steer.detox, "preset_for", lambda model: preset)
+    demo = SteerDemo(tiny, tokenizer)
+    assert demo.concepts == [PRESET, LEXICON, WORDS] and demo.default_n() == 3
+    assert demo.default_spec().edits == preset.edits  # strength 1, all edits: as shipped
+    half = demo.concept_spec(PRESET, strength=0.5, n=2)
+    assert [(e.name, e.op, e.value) for e in half.edits] == [("L1.N4", "scale", 0.0), ("L0.N2", "set", 1.0)]
+    monkeypatch.setattr(steer.detox, "preset_for", lambda model: (_ for _ in ()).throw(ValueError("no preset fits")))
+    without = SteerDemo(tiny, tokenizer)
+    assert without.concepts == [LEXICON, WORDS] and without.preset_error == "no preset fits"
+    with pytest.raises(ValueError, match="no detox preset for this model: no preset fits"):
+        without.concept_spec(PRESET)
+
+
 def test_pair_shares_the_seed_and_only_steering_differs(demo, tiny):
     empty = Spec.build("none", [], model=tiny)
     plain, same = demo.generate(PROMPT, empty, SAMPLED)
@@ -105,19 +124,42 @@ def test_concurrent_requests_each_get_their_own_steering(demo, tiny):
     assert together == {k: [alone[k]] * 3 for k in specs}
 
 
-def test_early_exit_reports_layers_saved(tiny, tokenizer):
+@pytest.fixture(scope="module")
+def exit_dir(tiny, tokenizer, tmp_path_factory):
+    """An exit model fitted for the tiny model on a little docstring prose, saved to a folder."""
     import generation
+    from generation.corpus import docstring_text
 
-    if not all(hasattr(generation, n) for n in ("early_exit", "fit_exit_model")):
-        pytest.skip("generation.early_exit / fit_exit_model are not written yet")
-    text = " ".join(["The weather today is mild and the rain will stop by the evening."] * 40)
-    demo = SteerDemo(tiny, tokenizer, exit_model=generation.fit_exit_model(tiny, tokenizer, text))
+    fitted = generation.fit_exit_model(tiny, tokenizer, docstring_text("fit", max_chars=12_000), max_tokens=2048)
+    return fitted.save(tmp_path_factory.mktemp("exit-model"))
+
+
+def test_early_exit_reports_layers_saved(tiny, tokenizer, exit_dir):
+    demo = SteerDemo(tiny, tokenizer, exit_model=str(exit_dir))
+    assert demo.has_exit_model and demo.threshold == demo.exit_model().default_threshold
     plain, steered = demo.generate(PROMPT, spec_a(tiny), SAMPLED)
     never = demo.generate(PROMPT, spec_a(tiny), SAMPLED, early_exit=True, threshold=1.0)
     assert [c.text for c in never] == [plain.text, steered.text]  # threshold 1 never exits
     assert [c.layers_saved for c in never] == [0.0, 0.0]
     eager = demo.generate(PROMPT, spec_a(tiny), SAMPLED, early_exit=True, threshold=0.0)
     assert all(0.0 < c.layers_saved < 1.0 for c in eager)
+
+
+def test_exit_model_is_fitted_once_then_loaded_from_the_cache(tiny, tokenizer, exit_dir, tmp_path, monkeypatch):
+    import generation
+
+    monkeypatch.setenv("STEER_CACHE", str(tmp_path))
+    fits = []
+    monkeypatch.setattr(generation, "fit_exit_model", lambda *a, **k: fits.append(1) or generation.load_exit_model(exit_dir))
+    monkeypatch.setattr("generation.corpus.docstring_text", lambda split: "some prose")
+    first = SteerDemo(tiny, tokenizer)
+    assert not first.has_exit_model and first.threshold == 0.9 and fits == []  # nothing fitted up front
+    fitted = first.exit_model()
+    assert fits == [1] and first.threshold == fitted.default_threshold
+    again = SteerDemo(tiny, tokenizer)  # a restart: loads the cached fit at once, fits nothing
+    assert again.has_exit_model and fits == [1]
+    assert torch.equal(again.exit_model().weight, fitted.weight)
+    assert SteerDemo(tiny, tokenizer, exit_threshold=0.5).threshold == 0.5
 
 
 def test_inputs_are_bounded_with_clear_messages(demo, tiny):
@@ -182,7 +224,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(tiny, tokenizer, tmp_path_factory):
+def served(tiny, tokenizer, exit_dir, tmp_path_factory):
     """``steer ui --model DIR --port P`` run through the CLI (serving in this process), and a client."""
     from gradio_client import Client
 
@@ -202,7 +244,8 @@ def served(tiny, tokenizer, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ui.app, "launch", launch)
-        assert main(["ui", "--model", str(folder), "--port", str(port), "--max-new-tokens", "16"]) == 0
+        assert main(["ui", "--model", str(folder), "--port", str(port), "--max-new-tokens", "16",
+                     "--exit-model", str(exit_dir)]) == 0
     page, host, bound, block = launched[0]
     assert (host, bound, block) == ("127.0.0.1", port, True)
     try:
@@ -227,7 +270,7 @@ ROWS_B = [["L1.N20", "set", -40.0], ["L0.N5", "scale", 0.0]]
 
 
 def test_api_generate_shows_both_continuations_with_scores(served, demo, tiny):
-    plain, plain_stats, steered, steered_stats = generate(served, ROWS_A)
+    plain, plain_stats, steered, steered_stats, threshold = generate(served, ROWS_A)
     expected = demo.generate(PROMPT, spec_a(tiny), SAMPLED)
     assert (plain, steered) == (expected[0].text, expected[1].text)
     assert steered_stats.startswith("*api spec*")
@@ -236,6 +279,14 @@ def test_api_generate_shows_both_continuations_with_scores(served, demo, tiny):
         assert "toxicity" in stats and c.scorer in stats
         if c.toxicity is not None:
             assert f"toxicity {c.toxicity:.3f}" in stats
+
+
+def test_api_early_exit_shows_layers_saved(served, tiny, tokenizer, exit_dir):
+    outputs = generate(served, ROWS_A, early=True, threshold=0.0)
+    expected = SteerDemo(tiny, tokenizer, exit_model=str(exit_dir)).generate(PROMPT, spec_a(tiny), SAMPLED, True, 0.0)
+    assert (outputs[0], outputs[2], outputs[4]) == (expected[0].text, expected[1].text, 0.0)
+    for stats, c in zip((outputs[1], outputs[3]), expected):
+        assert f"early exit saved {100 * c.layers_saved:.1f}% of layers" in stats and c.layers_saved > 0
 
 
 def test_api_concurrent_requests_with_different_specs(served):

@@ -21,7 +21,7 @@ import gradio as gr  # noqa: E402
 
 from steer import SpecError  # noqa: E402
 
-from .engine import (BY_INDEX, BY_SCORE, COLUMNS, LEXICON, PRESET, PROMOTE, SUPPRESS, WORDS,  # noqa: E402
+from .engine import (BY_INDEX, BY_SCORE, COLUMNS, PRESET, PROMOTE, SUPPRESS, WORDS,  # noqa: E402
                      Continuation, Sampling, SteerDemo)
 
 log = logging.getLogger(__name__)
@@ -102,11 +102,13 @@ def build_app(demo: SteerDemo) -> gr.Blocks:
                     max_new = gr.Slider(1, limits.max_new_tokens, value=30, step=1, label="Max new tokens")
                     seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                 early = gr.Checkbox(False, label="Early exit", interactive=demo.early_exit_available,
-                                    info=("skip the last layers once the exit model is confident"
-                                          + ("" if demo.has_exit_model else "; the first use fits it (slow)")) if
+                                    info=("skip the upper layers once the exit classifier is confident"
+                                          + ("" if demo.has_exit_model else "; the first use fits it for this "
+                                             "model (minutes on CPU, then cached)")) if
                                     demo.early_exit_available else f"unavailable: {demo.exit_error}")
-                threshold = gr.Slider(0.5, 1.0, value=demo.exit_threshold, step=0.01, label="Exit threshold",
-                                      visible=demo.early_exit_available)
+                threshold = gr.Slider(0.0, 1.0, value=lambda: demo.threshold, step=0.01, label="Exit threshold",
+                                      visible=demo.early_exit_available, elem_id="threshold",
+                                      info="lower exits earlier; starts at the exit model's calibrated value")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=3):
                 with gr.Row(equal_height=True):
@@ -165,8 +167,11 @@ def build_app(demo: SteerDemo) -> gr.Blocks:
         def generate(prompt, rows, name, extra, temperature, top_p, max_new, seed, early, threshold):
             spec = demo.spec_from_rows(rows, name, extra)
             sampling = Sampling(float(temperature), float(top_p), _int(max_new, "max new tokens"), _int(seed, "seed"))
+            if early and not demo.has_exit_model:  # fitted by this request: use its calibrated threshold
+                demo.exit_model()
+                threshold = demo.threshold
             a, b = demo.generate(prompt, spec, sampling, bool(early), threshold)
-            return a.text, _stats(a), b.text, f"*{spec.name}* · {_stats(b)}"
+            return a.text, _stats(a), b.text, f"*{spec.name}* · {_stats(b)}", threshold
 
         @_guard
         def refresh(rows, name, extra):
@@ -216,9 +221,9 @@ def build_app(demo: SteerDemo) -> gr.Blocks:
         for trigger in (mode.change, strength.release, n_vectors.release, words.submit):
             trigger(rebuild, concept_inputs, table_outputs, api_visibility="private")
         run.click(generate, [prompt, table, spec_name, extra, temperature, top_p, max_new, seed, early, threshold],
-                  [plain, plain_stats, steered, steered_stats], api_name="generate")
+                  [plain, plain_stats, steered, steered_stats, threshold], api_name="generate")
         prompt.submit(generate, [prompt, table, spec_name, extra, temperature, top_p, max_new, seed, early,
-                                 threshold], [plain, plain_stats, steered, steered_stats],
+                                 threshold], [plain, plain_stats, steered, steered_stats, threshold],
                       api_visibility="private")
         table.input(refresh, [table, spec_name, extra], [table, summary], api_visibility="private")
         download.click(save, [table, spec_name, extra], download, api_name="download")

@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     parser.add_argument("--scorer", default="auto", help="toxicity scorer (see evaluation.toxicity)")
     parser.add_argument("--exit-model", default=None, help="saved early-exit model (default: fit one on first use)")
-    parser.add_argument("--exit-threshold", type=float, default=0.9, help="default early-exit threshold")
+    parser.add_argument("--exit-threshold", type=float, default=None,
+                        help="early-exit threshold the page starts with (default: the exit model's calibrated one)")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="upper bound users may ask for")
     parser.set_defaults(func=_ui)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import shutil
 import threading
 import time
 from contextlib import ExitStack
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from steer import Adapter, Concept, Spec, SpecError, VectorName, VocabIndex, concept_scores, model_name, steering
+from steer.models import cache_dir
 from steer.vocab import project
 
 PRESET = "detox preset"
@@ -85,7 +88,7 @@ class SteerDemo:
     """One model shared by every user of the demo; see the module docstring for the lock."""
 
     def __init__(self, model, tokenizer, *, scorer: str = "auto", exit_model=None,
-                 exit_threshold: float = 0.9, limits: Limits = Limits()):
+                 exit_threshold: float | None = None, limits: Limits = Limits()):
         self.model, self.tokenizer, self.limits = model, tokenizer, limits
         self.adapter = Adapter(model)
         self.name = model_name(model)
@@ -98,6 +101,11 @@ class SteerDemo:
         self._scores: dict[tuple, torch.Tensor] = {}  # concept (token ids, background) -> concept_scores
         self.preset, self.preset_error = self._load_preset()
         self.exit_error = self._check_exit()
+        if self.exit_error is None and (exit_model is not None or self._exit_cache().exists()):
+            try:  # a given or previously fitted exit model loads in a moment: have it (and its threshold) now
+                self.exit_model().check_model(model)
+            except (ValueError, OSError) as err:
+                self.exit_error = str(err)
 
     # -- what is available ------------------------------------------------------------------
     def _load_preset(self) -> tuple[Spec | None, str | None]:
@@ -146,13 +154,26 @@ class SteerDemo:
 
     @property
     def has_exit_model(self) -> bool:
-        return self._exit_model is not None or self._exit_source is not None
+        return self._exit_model is not None
+
+    @property
+    def threshold(self) -> float:
+        """The exit threshold to offer: the one given, else the exit model's calibrated default."""
+        if self.exit_threshold is not None:
+            return self.exit_threshold
+        return self._exit_model.default_threshold if self._exit_model is not None else 0.9
+
+    def _exit_cache(self) -> Path:
+        from generation.exit_model import fingerprint
+
+        return cache_dir() / "exit" / fingerprint(self.model)
 
     def exit_model(self):
-        """The exit model: the one given (object or saved path), else one fitted on first use.
+        """The exit model: the one given (object or saved folder), else one fitted on first use.
 
-        Fitting reads the "fit" split of the Python-docstring prose corpus
-        (:func:`generation.corpus.docstring_text`); it runs the model with recording hooks, so it
+        A fitted one is saved under the cache folder, keyed by the model's fingerprint, so it is
+        fitted once per model. Fitting reads the "fit" split of the Python-docstring prose corpus
+        (:func:`generation.corpus.docstring_text`) and runs the model with recording hooks, so it
         holds the model lock like any generation.
         """
         if self.exit_error is not None:
@@ -162,12 +183,19 @@ class SteerDemo:
                 import generation
 
                 source = self._exit_source
+                if source is None and self._exit_cache().exists():
+                    source = self._exit_cache()
                 if source is None:
                     from generation.corpus import docstring_text
 
                     with self.lock:
-                        self._exit_model = generation.fit_exit_model(self.model, self.tokenizer,
-                                                                     docstring_text("fit"))
+                        fitted = generation.fit_exit_model(self.model, self.tokenizer, docstring_text("fit"))
+                    tmp = fitted.save(self._exit_cache().with_suffix(f".{os.getpid()}.tmp"))
+                    if self._exit_cache().exists():  # another process fitted it meanwhile
+                        shutil.rmtree(tmp)
+                    else:
+                        tmp.rename(self._exit_cache())
+                    self._exit_model = fitted
                 elif isinstance(source, (str, Path)):
                     self._exit_model = generation.load_exit_model(source)
                 else:
@@ -386,7 +414,7 @@ class SteerDemo:
             if early_exit:
                 from generation import early_exit as exiting
 
-                threshold = self.exit_threshold if threshold is None else float(threshold)
+                threshold = self.threshold if threshold is None else float(threshold)
                 stats = stack.enter_context(exiting(self.model, exit_model, threshold))
             torch.manual_seed(int(sampling.seed))
             start = time.perf_counter()

@@ -1,0 +1,287 @@
+"""Measure early exit on held-out text, side by side: simulated curves and real runs.
+
+* **Simulated** (teacher forced, cheap, every threshold): one full-model pass records each
+  token's state at the check layers; a rule's exit layer and whether the mapped top-1 there
+  equals the full model's give compute saved and agreement. It ignores that skipped layers'
+  K/V come from the exited state, so it is checked against:
+* **Real, teacher forced**: the same held-out text through :func:`early_exit` with
+  ``positions="all"``: every position exits where the rule says, and later positions attend to
+  the propagated K/V, exactly as in token-by-token decoding. Gives agreement, layers really
+  skipped, and the perplexity of the held-out text under the early-exit logits.
+* **Real, generating**: greedy continuations of held-out prompts at batch 1 with and without
+  exit (exact match of the whole continuation) and tokens/s, interleaved runs, medians.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from steer import Adapter
+
+from .corpus import token_chunks
+from .exit_model import ExitModel
+from .fit import THRESHOLDS, Records, mapped_top, record
+from .runtime import early_exit
+from .simulate import classifier_exits, confidence_exits, oracle_exits, outcome, saved_at
+
+
+@dataclass
+class Heldout:
+    """Held-out records read through an exit model: everything the simulation needs."""
+
+    records: Records
+    chunks: list[torch.Tensor]
+    correct: np.ndarray  # (N, n_check)
+    top_prob: np.ndarray  # (N, n_check)
+    logits: np.ndarray  # (N, n_check) classifier log-odds
+
+
+@torch.no_grad()
+def prepare(model, tokenizer, text: str, exit_model: ExitModel, max_tokens: int = 4096, chunk: int = 128) -> Heldout:
+    exit_model.check_model(model)
+    chunks = token_chunks(tokenizer, text, chunk, max_tokens)
+    if not chunks:
+        raise ValueError(f"the held-out text is too short: it has fewer than {chunk} tokens")
+    records = record(model, chunks, exit_model.check_layers)
+    correct, top_prob = mapped_top(model, records, exit_model.maps)
+    logits = np.stack([records.features(j) @ exit_model.weight[j].numpy() + float(exit_model.bias[j])
+                       for j in range(len(records.layers))], 1)
+    return Heldout(records, chunks, correct, top_prob, logits)
+
+
+def simulated_curves(held: Heldout, n_layers: int, thresholds=THRESHOLDS) -> dict:
+    """``{rule: [(threshold, saved, agreement), ...]}`` plus the oracle's saving."""
+    layers = held.records.layers
+    curves = {
+        "classifier": [(t, *outcome(classifier_exits(held.logits, layers, n_layers, t), held.correct, layers, n_layers))
+                       for t in thresholds],
+        "confidence": [(t, *outcome(confidence_exits(held.top_prob, layers, n_layers, t), held.correct, layers, n_layers))
+                       for t in thresholds],
+    }
+    oracle = outcome(oracle_exits(held.correct, layers, n_layers), held.correct, layers, n_layers)[0]
+    return {"curves": curves, "oracle_saved": oracle,
+            "saved_at_95": {rule: saved_at([(s, a) for _, s, a in points]) for rule, points in curves.items()}}
+
+
+def threshold_for(points: list[tuple[float, float, float]], agreement: float = 0.95) -> float:
+    """The threshold saving the most while keeping ``agreement`` on these points."""
+    ok = [(saved, t) for t, saved, agree in points if agree >= agreement]
+    return max(ok)[1] if ok else 1.0
+
+
+@torch.no_grad()
+def teacher_forced(model, held: Heldout, exit_model: ExitModel, rule: str, threshold: float,
+                   max_chunks: int | None = None) -> dict:
+    """Real early exit over held-out chunks (positions='all'): agreement, saved, perplexity change."""
+    device = next(model.parameters()).device
+    chunks = held.chunks[:max_chunks] if max_chunks else held.chunks
+    n = sum(c.shape[1] for c in chunks)
+    agree, nll = [], []
+    with early_exit(model, exit_model, threshold, rule=rule, positions="all") as stats:
+        for ids in chunks:
+            logits = model(ids.to(device), use_cache=False).logits[0].float()
+            agree.append(logits.argmax(-1).cpu())
+            nll.append(-logits.log_softmax(-1)[:-1].gather(1, ids[0, 1:].to(device)[:, None])[:, 0].cpu())
+    top1 = held.records.top1[:n]
+    full_nll = -held.records.logprob_next[:n]
+    full_nll = full_nll[~torch.isnan(full_nll)]
+    exit_nll = torch.cat(nll)
+    return {
+        "agreement": float((torch.cat(agree) == top1).float().mean()),
+        "saved": stats.layers_saved_fraction,
+        "perplexity": math.exp(float(exit_nll.mean())),
+        "perplexity_full": math.exp(float(full_nll.mean())),
+        "tokens": n,
+    }
+
+
+def _generate(model, ids, max_new_tokens: int) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         min_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, ids.shape[1]:].cpu(), time.perf_counter() - start
+
+
+@torch.no_grad()
+def generation_runs(model, prompts: list[torch.Tensor], exit_model: ExitModel, settings: list[tuple[str, float]],
+                    max_new_tokens: int = 32, repeats: int = 3) -> dict:
+    """Greedy batch-1 generation: plain and each (rule, threshold), interleaved; medians of tokens/s."""
+    device = next(model.parameters()).device
+    prompts = [p.to(device) for p in prompts]
+    _generate(model, prompts[0], 4)  # warm-up
+    plain_out: list[torch.Tensor] = []
+    speeds: dict = {"plain": []}
+    outs: dict = {s: [] for s in settings}
+    saved: dict = {s: [] for s in settings}
+    for s in settings:
+        speeds[s] = []
+    for r in range(repeats):
+        for i, ids in enumerate(prompts):
+            tokens, seconds = _generate(model, ids, max_new_tokens)
+            speeds["plain"].append(max_new_tokens / seconds)
+            if r == 0:
+                plain_out.append(tokens)
+            for rule, threshold in settings:
+                with early_exit(model, exit_model, threshold, rule=rule) as stats:
+                    tokens, seconds = _generate(model, ids, max_new_tokens)
+                speeds[(rule, threshold)].append(max_new_tokens / seconds)
+                if r == 0:
+                    outs[(rule, threshold)].append(tokens)
+                    saved[(rule, threshold)].append(stats.layers_saved_fraction)
+    plain_speed = statistics.median(speeds["plain"])
+    result = {"plain_tokens_per_s": plain_speed}
+    for s in settings:
+        same = [torch.equal(a, b) for a, b in zip(outs[s], plain_out)]
+        prefix = [int((a != b).nonzero()[0, 0]) if not torch.equal(a, b) else len(a) for a, b in zip(outs[s], plain_out)]
+        speed = statistics.median(speeds[s])
+        result[s] = {"greedy_exact": float(np.mean(same)), "greedy_prefix": float(np.mean(prefix)) / max_new_tokens,
+                     "tokens_per_s": speed, "speedup": speed / plain_speed, "saved": float(np.mean(saved[s]))}
+    return result
+
+
+def held_prompts(held: Heldout, n: int, length: int = 48) -> list[torch.Tensor]:
+    """``n`` prompts of ``length`` tokens, cut from different held-out chunks."""
+    step = max(1, len(held.chunks) // max(n, 1))
+    return [held.chunks[i * step][:, :length] for i in range(min(n, len(held.chunks)))]
+
+
+@dataclass
+class Row:
+    rule: str
+    threshold: float
+    saved_sim: float
+    agreement_sim: float
+    saved_real: float = float("nan")
+    agreement_real: float = float("nan")
+    perplexity_change: float = float("nan")
+    greedy_exact: float = float("nan")
+    speedup: float = float("nan")
+
+
+@dataclass
+class Report:
+    rows: list[Row]
+    oracle_saved: float
+    saved_at_95: dict
+    curves: dict
+    plain_tokens_per_s: float
+    perplexity_full: float
+    tokens: int
+    extra: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        head = (f"{'rule':<11}{'thresh':>7}{'saved':>8}{'agree':>8}{'saved*':>8}{'agree*':>8}"
+                f"{'ppl chg':>9}{'greedy=':>9}{'tok/s x':>9}")
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(f"{r.rule:<11}{r.threshold:>7.3g}{r.saved_sim:>8.1%}{r.agreement_sim:>8.1%}"
+                         f"{_pct(r.saved_real):>8}{_pct(r.agreement_real):>8}{_pct(r.perplexity_change, '+.1%'):>9}"
+                         f"{_pct(r.greedy_exact):>9}{_num(r.speedup):>9}")
+        lines.append("-" * len(head))
+        lines.append(f"oracle (simulated ceiling at these check layers): saved {self.oracle_saved:.1%} at 100% agreement")
+        lines.append("saved at >=95% agreement (simulated): " + ", ".join(
+            f"{rule} {v:.1%}" for rule, v in self.saved_at_95.items()))
+        lines.append(f"plain generate: {self.plain_tokens_per_s:.2f} tokens/s; held-out perplexity {self.perplexity_full:.2f} "
+                     f"over {self.tokens} tokens")
+        lines.append("saved/agree: simulated (teacher forced, full-model K/V); saved*/agree*: real early exit, "
+                     "teacher forced, K/V propagated; ppl chg: perplexity of the held-out text vs the full model; "
+                     "greedy=: greedy continuations identical to plain generate; tok/s x: speed vs plain generate "
+                     "(batch 1, medians)")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["curves"] = {k: [list(p) for p in v] for k, v in self.curves.items()}
+        return json.dumps(data, indent=1, default=float)
+
+
+def _pct(x: float, fmt: str = ".1%") -> str:
+    return "-" if x != x else format(x, fmt)
+
+
+def _num(x: float) -> str:
+    return "-" if x != x else f"{x:.3f}"
+
+
+def plot(report: Report, path: str | Path, title: str = "") -> Path:
+    """Saved vs agreement: simulated curves, real points, the oracle, the 95% line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colors = {"classifier": "tab:blue", "confidence": "tab:orange"}
+    labels = {"classifier": "classifier on cheap features (ours)", "confidence": "mapped top-prob >= t (baseline)"}
+    for rule, points in report.curves.items():
+        pts = sorted((s, a) for _, s, a in points)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors.get(rule), label=labels.get(rule, rule) + ", simulated")
+    for row in report.rows:
+        if row.saved_real == row.saved_real:
+            ax.plot(row.saved_real, row.agreement_real, "o", color=colors.get(row.rule), mfc="none", ms=7)
+    ax.plot([], [], "o", color="gray", mfc="none", label="real early exit (K/V propagated)")
+    ax.plot(report.oracle_saved, 1.0, "*", color="tab:green", ms=14, label=f"oracle ({report.oracle_saved:.0%})")
+    ax.axhline(0.95, color="gray", ls="--", lw=0.8)
+    ax.set_xlabel("share of layer compute saved")
+    ax.set_ylabel("top-1 agreement with the full model")
+    ax.set_xlim(0, max(0.4, report.oracle_saved + 0.05))
+    ax.set_ylim(0.8, 1.005)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def evaluate(model, tokenizer, text: str, exit_model: ExitModel, *, thresholds: dict | None = None,
+             max_tokens: int = 4096, real_chunks: int = 8, prompts: int = 4, max_new_tokens: int = 32,
+             repeats: int = 3, log=print) -> Report:
+    """Everything in the module docstring; ``thresholds`` maps rule -> thresholds for real runs
+    (default: for each rule, the threshold reaching 95% simulated agreement, and one either side)."""
+    n_layers = Adapter(model).n_layers
+    log(f"teacher-forced pass over up to {max_tokens} held-out tokens ...")
+    held = prepare(model, tokenizer, text, exit_model, max_tokens)
+    sim = simulated_curves(held, n_layers)
+    if thresholds is None:
+        thresholds = {}
+        for rule, points in sim["curves"].items():
+            t = threshold_for(points)
+            thresholds[rule] = sorted({round(max(0.0, t - 0.05), 3), t, round(min(1.0, t + 0.05), 3)})
+    rows = []
+    lookup = {rule: {t: (s, a) for t, s, a in points} for rule, points in sim["curves"].items()}
+    for rule, ts in thresholds.items():
+        for t in ts:
+            s, a = lookup[rule].get(t) or outcome(
+                (classifier_exits(held.logits, held.records.layers, n_layers, t) if rule == "classifier"
+                 else confidence_exits(held.top_prob, held.records.layers, n_layers, t)),
+                held.correct, held.records.layers, n_layers)
+            rows.append(Row(rule, t, s, a))
+    ppl_full = float("nan")
+    for row in rows:
+        log(f"real teacher-forced run: {row.rule} at {row.threshold} ...")
+        tf = teacher_forced(model, held, exit_model, row.rule, row.threshold, real_chunks)
+        row.saved_real, row.agreement_real = tf["saved"], tf["agreement"]
+        row.perplexity_change = tf["perplexity"] / tf["perplexity_full"] - 1
+        ppl_full = tf["perplexity_full"]
+    plain = float("nan")
+    if prompts:
+        log(f"greedy generation, {prompts} prompts x {max_new_tokens} tokens x {repeats} repeats ...")
+        settings = [(r.rule, r.threshold) for r in rows]
+        gen = generation_runs(model, held_prompts(held, prompts), exit_model, settings, max_new_tokens, repeats)
+        plain = gen["plain_tokens_per_s"]
+        for row in rows:
+            row.greedy_exact, row.speedup = gen[(row.rule, row.threshold)]["greedy_exact"], gen[(row.rule, row.threshold)]["speedup"]
+    return Report(rows, sim["oracle_saved"], sim["saved_at_95"], sim["curves"], plain, ppl_full,
+                  int(held.records.top1.shape[0]))
