@@ -52,10 +52,14 @@ class Records:
 
 
 def default_layers(n_layers: int) -> list[int]:
-    """Candidate check layers: the upper half, up to the second-to-last layer."""
+    """Candidate check layers: from a quarter of the depth up to the second-to-last layer.
+
+    Early checks rarely fire, but when they do they save most of the model: on the embedded
+    model, dropping layers 8-13 from the checks cuts the compute saved at 95% agreement from
+    11% to 8% (simulated)."""
     if n_layers < 2:
         raise ValueError(f"early exit needs at least 2 layers; this model has {n_layers}")
-    return list(range(min(n_layers // 2, n_layers - 2), n_layers - 1))
+    return list(range(min(n_layers // 4, n_layers - 2), n_layers - 1))
 
 
 @torch.no_grad()
@@ -125,7 +129,7 @@ def _fit_layer(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, floa
     return w, float(clf.intercept_[0] - (mu * w).sum())
 
 
-def fit_classifier(records: Records, correct: np.ndarray, c: float = 0.01, folds: bool = True):
+def fit_classifier(records: Records, correct: np.ndarray, c: float = 0.003, folds: bool = True):
     """Per-layer weights/bias on all tokens, and out-of-fold log-odds ``(N, n_check)``."""
     n_check = len(records.layers)
     weights, biases = [], []
@@ -145,7 +149,7 @@ def fit_classifier(records: Records, correct: np.ndarray, c: float = 0.01, folds
 
 
 def fit_exit_model(model, tokenizer, text: str, *, layers: list[int] | None = None, chunk: int = 128,
-                   max_tokens: int | None = 16384, min_tokens: int = 1024, ridge: float = 1e-3, c: float = 0.01,
+                   max_tokens: int | None = 16384, min_tokens: int = 1024, ridge: float = 1e-3, c: float = 0.003,
                    target_agreement: float = 0.95, progress: bool = False) -> ExitModel:
     """Fit maps and the exit classifier for ``model`` on ``text`` (fit on other text than you evaluate on)."""
     adapter = Adapter(model)

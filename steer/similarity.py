@@ -23,6 +23,8 @@ from .families import Adapter
 class Maps(Protocol):
     """What the agreement needs from fitted maps (``generation.maps.LayerMaps`` is one)."""
 
+    def __contains__(self, layer: int) -> bool: ...
+
     def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -93,14 +95,15 @@ def linear_cka(hidden: torch.Tensor, sample: int | None = 1024, seed: int = 0) -
 @torch.no_grad()
 def top1_agreement(model, hidden: torch.Tensor, final_top1: torch.Tensor, maps: Maps | None = None,
                    chunk: int = 512) -> torch.Tensor:
-    """Per layer: share of positions whose top-1 token read from that layer equals the model's."""
+    """Per layer: share of positions whose top-1 token read from that layer equals the model's
+    (through ``maps`` for the layers it has, through the logit lens for the others)."""
     adapter = Adapter(model)
     param = next(model.parameters())
     agree = torch.zeros(hidden.shape[0], dtype=torch.long)
     for layer in range(hidden.shape[0]):
         for start in range(0, hidden.shape[1], chunk):
             h = hidden[layer, start:start + chunk].to(param.device, param.dtype)
-            if maps is not None:
+            if maps is not None and layer in maps:
                 h = maps.apply(layer, h)
             top1 = adapter.readout(h).argmax(-1).cpu()
             agree[layer] += int((top1 == final_top1[start:start + chunk]).sum())
@@ -108,11 +111,14 @@ def top1_agreement(model, hidden: torch.Tensor, final_top1: torch.Tensor, maps: 
 
 
 def fit_maps(hidden: torch.Tensor):
-    """Least-squares maps from every layer's output to the last layer's (``generation.maps``)."""
+    """Least-squares maps from every layer's output to the last layer's (``generation.maps``).
+
+    The last layer needs none: it is read as is (a fitted identity would only add ridge error).
+    """
     from generation.maps import MapFitter
 
     fitter = MapFitter(d_model=hidden.shape[-1])
-    for layer in range(hidden.shape[0]):
+    for layer in range(hidden.shape[0] - 1):
         fitter.add(layer, hidden[layer], hidden[-1])
     return fitter.solve()
 

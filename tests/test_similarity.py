@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_model
 from steer import Adapter
-from steer.similarity import analyze, cosine_matrix, hidden_states, linear_cka, top1_agreement
+from steer.similarity import analyze, cosine_matrix, fit_maps, hidden_states, linear_cka, top1_agreement
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -85,9 +85,12 @@ def test_agreement_lens_maps_and_split():
     hidden, top1 = hidden_states(model, ids)
     result = analyze(model, ids, cka_tokens=40, batch_size=3)
     assert result.tokens == 320 and result.heldout_tokens == 160 and result.cka_tokens == 40
-    assert result.mapped[-1] > 0.97  # the last layer's fitted map is (ridge-shrunk) identity
+    assert result.mapped[-1] == result.lens[-1] == 1.0  # the last layer is read as is
     held_hidden, held_top1 = hidden[:, 160:], top1[160:]
     assert torch.equal(result.lens, top1_agreement(model, held_hidden, held_top1))
+    maps = fit_maps(hidden[:, :160])  # fitted on the first half only
+    assert maps.layers == [0, 1]
+    assert torch.equal(result.mapped, top1_agreement(model, held_hidden, held_top1, maps))
     assert torch.allclose(result.cosine, cosine_matrix(hidden))
     with pytest.raises(ValueError, match="at least two blocks"):
         analyze(model, ids[:1])

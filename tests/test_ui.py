@@ -1,4 +1,4 @@
-"""The demo: its engine in-process, and the served app through gradio_client (``steer ui`` in a subprocess).
+"""The demo: its engine in-process, and the app served by ``steer ui`` and driven through gradio_client.
 
 The model is a tiny random llama with the embedded model's tokenizer (so concepts and the
 toxicity lexicon resolve to real tokens) and a large init, so that steering visibly changes
