@@ -21,7 +21,6 @@ import math
 import os
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np

@@ -120,6 +120,11 @@ class Sample:
     continuation_ids: list[int]
     toxic: list[bool] = field(default_factory=list)
     text: str = ""
+    weight: float = 1.0  # weight of its toxic spans in the toxic objective
+    own: bool = True  # sampled from the model (counts for the KL estimate); False: a forced continuation
+
+    def spans(self) -> int:
+        return sum(1 for i, t in enumerate(self.toxic) if t and (i == 0 or not self.toxic[i - 1]))
 
 
 @torch.no_grad()
@@ -198,8 +203,8 @@ class Attribution:
     hh: torch.Tensor
     low: torch.Tensor  # low / high quantile of the vector's coefficient on the samples
     high: torch.Tensor
-    n_spans: int
-    n_samples: int
+    n_spans: float  # toxic spans, weighted
+    n_samples: int  # the model's own samples (the KL estimate)
 
     def save(self, path: str | Path) -> None:
         torch.save(self.__dict__, path)
@@ -218,6 +223,8 @@ def _batches(samples: list[Sample], batch_size: int):
         mask = torch.zeros(len(chunk), width, dtype=torch.long)
         cont = torch.zeros(len(chunk), width, dtype=torch.bool)  # position predicts a continuation token
         toxic = torch.zeros(len(chunk), width, dtype=torch.bool)
+        weight = torch.tensor([s.weight for s in chunk], dtype=torch.float64)
+        own = torch.tensor([s.own for s in chunk])
         for i, (s, row) in enumerate(zip(chunk, ids)):
             input_ids[i, :len(row)] = torch.tensor(row)
             mask[i, :len(row)] = 1
@@ -225,7 +232,7 @@ def _batches(samples: list[Sample], batch_size: int):
             cont[i, n - 1:len(row) - 1] = True
             if s.toxic:
                 toxic[i, n - 1:len(row) - 1] = torch.tensor(s.toxic)
-        yield chunk, input_ids, mask, cont, toxic
+        yield chunk, input_ids, mask, cont, toxic, weight, own
 
 
 def _token_logp(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -245,7 +252,7 @@ def attribute(model, samples: list[Sample], batch_size: int = 16, quantile: floa
     stats = {k: zeros() for k in ("tox_g", "tox_ga", "gg", "gh", "hh")}
     kept: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     generator = torch.Generator().manual_seed(seed)
-    total_tokens = sum(len(s.prompt_ids) + len(s.continuation_ids) for s in samples)
+    total_tokens = sum(len(s.prompt_ids) + len(s.continuation_ids) for s in samples if s.own)
     keep_share = min(1.0, reservoir / max(1, total_tokens))
     # toxic samples first, so the second backward pass only runs where there is a toxic span
     ordered = sorted(samples, key=lambda s: not any(s.toxic))
@@ -265,21 +272,26 @@ def attribute(model, samples: list[Sample], batch_size: int = 16, quantile: floa
     handles += [adapter.ffn_out(layer).register_forward_pre_hook(capture(layer)) for layer in range(n_layers)]
     done = 0
     try:
-        for chunk, input_ids, mask, cont, toxic in _batches(ordered, batch_size):
-            input_ids, mask, cont, toxic = (t.to(device) for t in (input_ids, mask, cont, toxic))
+        for chunk, input_ids, mask, cont, toxic, weight, own in _batches(ordered, batch_size):
+            input_ids, mask, cont, toxic, weight = (t.to(device) for t in (input_ids, mask, cont, toxic, weight))
             captured.clear()
             logits = model(input_ids=input_ids, attention_mask=mask).logits
             logp = _token_logp(logits, input_ids)
             real = mask.bool()[..., None]
             has_toxic = bool(toxic.any())
             if has_toxic:
-                (logp * toxic).sum().backward(retain_graph=True)
+                (logp * toxic * weight[:, None].to(logp.dtype)).sum().backward(retain_graph=bool(own.any()))
                 for layer, a in captured.items():
                     g = (a.grad.double() * real)
                     stats["tox_g"][layer] += g.sum((0, 1)).cpu()
                     stats["tox_ga"][layer] += (g * a.detach().double()).sum((0, 1)).cpu()
                     a.grad = None
+            if not own.any():  # forced continuations only: no KL statistics
+                done += len(chunk)
+                continue
             (logp * cont).sum().backward()
+            rows = own.to(device)
+            real = (mask.bool() & rows[:, None])[..., None]
             for layer, a in captured.items():
                 g = a.grad.double() * real
                 big_g = g.sum(1)
@@ -287,7 +299,7 @@ def attribute(model, samples: list[Sample], batch_size: int = 16, quantile: floa
                 stats["gg"][layer] += (big_g * big_g).sum(0).cpu()
                 stats["gh"][layer] += (big_g * big_h).sum(0).cpu()
                 stats["hh"][layer] += (big_h * big_h).sum(0).cpu()
-                values = a.detach()[mask.bool()].float().cpu()
+                values = a.detach()[mask.bool() & rows[:, None]].float().cpu()
                 pick = torch.rand(values.shape[0], generator=generator) < keep_share
                 kept[layer].append(values[pick].half())
             done += len(chunk)
@@ -302,8 +314,8 @@ def attribute(model, samples: list[Sample], batch_size: int = 16, quantile: floa
     values = [torch.cat(k).float() for k in kept]
     low = torch.stack([torch.quantile(v, quantile, dim=0) for v in values])
     high = torch.stack([torch.quantile(v, 1 - quantile, dim=0) for v in values])
-    n_spans = sum(sum(1 for i, t in enumerate(s.toxic) if t and (i == 0 or not s.toxic[i - 1])) for s in samples)
-    return Attribution(**stats, low=low, high=high, n_spans=n_spans, n_samples=len(samples))
+    n_spans = sum(s.weight * s.spans() for s in samples)
+    return Attribution(**stats, low=low, high=high, n_spans=n_spans, n_samples=sum(s.own for s in samples))
 
 
 # -- choosing edits ------------------------------------------------------------------------------
@@ -367,7 +379,11 @@ class Check:
 
 
 class HeldOut:
-    """Held-out samples with their unsteered log-probabilities cached, to check many specs cheaply."""
+    """Held-out samples with their unsteered log-probabilities cached, to check many specs cheaply.
+
+    The toxic drop is measured on every toxic span (weighted like in the attribution), the KL on
+    the continuation tokens of the model's own samples.
+    """
 
     def __init__(self, model, samples: list[Sample], batch_size: int = 16):
         self.model, self.samples, self.batch_size = model, samples, batch_size
@@ -375,39 +391,39 @@ class HeldOut:
 
     @torch.no_grad()
     def _run(self, batch):
-        _, input_ids, mask, cont, toxic = batch
+        _, input_ids, mask, cont, toxic, weight, own = batch
         device = next(self.model.parameters()).device
         logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-        logp = torch.log_softmax(logits.float(), -1)[cont.to(device)].cpu()  # (tokens, vocab)
-        targets = input_ids[:, 1:][cont[:, :-1]]
-        return logp, logp.gather(-1, targets[:, None])[:, 0], toxic[cont]
+        logp = torch.log_softmax(logits.float(), -1).cpu()
+        target = logp[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]
+        row = torch.arange(len(own))[:, None].expand_as(cont)[cont]
+        return (logp[cont & own[:, None]],  # (own continuation tokens, vocab) for the KL
+                target[cont[:, :-1]], toxic[cont], row, weight)
 
     def check(self, spec: Spec | None) -> Check:
         from .steering import steering
 
-        kl_sum, tokens, drops = 0.0, 0, []
-        for batch, (base, base_target, toxic) in zip(_batches(self.samples, self.batch_size), self.base):
+        kl_sum, tokens, drops, weights = 0.0, 0, [], []
+        for batch, (base, base_target, toxic, row, weight) in zip(_batches(self.samples, self.batch_size), self.base):
             if spec is None:
                 steered, steered_target = base, base_target
             else:
                 with steering(self.model, spec):
-                    steered, steered_target, _ = self._run(batch)
+                    steered, steered_target, *_ = self._run(batch)
             kl_sum += float((steered.exp() * (steered - base)).sum())
             tokens += base.shape[0]
-            # per toxic span (consecutive toxic tokens), summed over its tokens
-            diff = (steered_target - base_target)
-            span, current = [], 0.0
-            for is_toxic, d in zip(toxic.tolist(), diff.tolist()):
-                if is_toxic:
-                    current += d
-                    span.append(True)
-                elif span:
-                    drops.append(current)
-                    span, current = [], 0.0
-            if span:
-                drops.append(current)
-        drop = -sum(drops) / max(1, len(drops))
-        ratio = sum(math.exp(d) for d in drops) / max(1, len(drops))
+            diff = (steered_target - base_target).tolist()
+            previous = (-1, False)
+            for i, (is_toxic, r) in enumerate(zip(toxic.tolist(), row.tolist())):
+                if is_toxic and previous == (r, True):  # same span: consecutive toxic tokens of one row
+                    drops[-1] += diff[i]
+                elif is_toxic:
+                    drops.append(diff[i])
+                    weights.append(float(weight[r]))
+                previous = (r, is_toxic)
+        total = max(1e-12, sum(weights))
+        drop = -sum(w * d for w, d in zip(weights, drops)) / total
+        ratio = sum(w * math.exp(d) for w, d in zip(weights, drops)) / total
         return Check(drop, kl_sum / max(1, tokens), ratio)
 
 

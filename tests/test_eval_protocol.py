@@ -202,7 +202,7 @@ def test_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path,
     model_dir = save_tiny_lm(tmp_path / "tiny")
     out = tmp_path / "sweep"
     config = _sweep_file(tmp_path, model_dir, out)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(_cli("sweep", str(config), "--quiet"), cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     records = out / "none" / "records-rank0.jsonl"
