@@ -168,20 +168,46 @@ def _words(tokenizer, ids: Sequence[int]) -> list[tuple[str, list[int]]]:
 
 
 def mark_toxic(samples: list[Sample], tokenizer, score: Callable[[list[str]], list[float]],
-               threshold: float = 0.5) -> int:
-    """Mark the tokens of words that ``score`` flags on their own; returns how many words were marked."""
+               threshold: float = 0.5) -> list[str]:
+    """Mark the tokens of words that ``score`` flags on their own; returns the marked words (with repeats)."""
     split = [_words(tokenizer, s.continuation_ids) for s in samples]
     vocabulary = sorted({w for words in split for w, _ in words if any(c.isalpha() for c in w)})
     flagged = {w for w, p in zip(vocabulary, score(vocabulary) if vocabulary else []) if p >= threshold}
-    count = 0
+    found = []
     for sample, words in zip(samples, split):
         sample.toxic = [False] * len(sample.continuation_ids)
         for word, positions in words:
             if word in flagged:
-                count += 1
+                found.append(word)
                 for i in positions:
                     sample.toxic[i] = True
-    return count
+    return found
+
+
+@torch.no_grad()
+def forced_samples(model, tokenizer, prompts: Sequence[str], words: Sequence[str], per_prompt: int = 6,
+                   batch_size: int = 32) -> list[Sample]:
+    """Each prompt continued by the toxic words the model finds most likely there (teacher forced).
+
+    Words are ranked by the probability of their first token after the prompt; the ``per_prompt``
+    best get weights proportional to it, summing to 1 per prompt, so a prompt counts like one span.
+    """
+    words = sorted({w.strip() for w in words if w.strip()})
+    pieces = [tokenizer(" " + w, add_special_tokens=False).input_ids for w in words]
+    first = torch.tensor([p[0] for p in pieces])
+    device = next(model.parameters()).device
+    out: list[Sample] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)  # left padded: prompts end together
+        logp = torch.log_softmax(model(**enc).logits[:, -1].float(), -1).cpu()[:, first]
+        for prompt, scores in zip(chunk, logp):
+            best = scores.topk(min(per_prompt, len(words)))
+            weights = torch.softmax(best.values, 0)
+            prompt_ids = tokenizer(prompt).input_ids
+            for w, i in zip(weights.tolist(), best.indices.tolist()):
+                out.append(Sample(prompt_ids, pieces[i], [True] * len(pieces[i]), words[i], weight=w, own=False))
+    return out
 
 
 # -- attribution ---------------------------------------------------------------------------------
@@ -208,6 +234,11 @@ class Attribution:
 
     def save(self, path: str | Path) -> None:
         torch.save(self.__dict__, path)
+
+    def with_toxic(self, other: "Attribution") -> "Attribution":
+        """This attribution plus the toxic-span sums of ``other`` (e.g. of forced continuations)."""
+        return Attribution(self.tox_g + other.tox_g, self.tox_ga + other.tox_ga, self.gg, self.gh, self.hh,
+                           self.low, self.high, self.n_spans + other.n_spans, self.n_samples)
 
     @classmethod
     def load(cls, path: str | Path) -> "Attribution":
@@ -311,9 +342,12 @@ def attribute(model, samples: list[Sample], batch_size: int = 16, quantile: floa
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)
         captured.clear()
-    values = [torch.cat(k).float() for k in kept]
-    low = torch.stack([torch.quantile(v, quantile, dim=0) for v in values])
-    high = torch.stack([torch.quantile(v, 1 - quantile, dim=0) for v in values])
+    if sum(k.shape[0] for k in kept[0]) > 0:
+        values = [torch.cat(k).float() for k in kept]
+        low = torch.stack([torch.quantile(v, quantile, dim=0) for v in values])
+        high = torch.stack([torch.quantile(v, 1 - quantile, dim=0) for v in values])
+    else:  # no sample of the model's own: no activation range known
+        low = high = torch.zeros(n_layers, d_ff)
     n_spans = sum(s.weight * s.spans() for s in samples)
     return Attribution(**stats, low=low, high=high, n_spans=n_spans, n_samples=sum(s.own for s in samples))
 
@@ -431,6 +465,7 @@ class HeldOut:
 KL_BUDGET = 0.04  # nats per token on held-out samples; about +4% perplexity if entropy stays put
 COUNTS = (10, 20, 40, 80, 160)
 LAMS = (2.0, 8.0, 32.0)
+FORCED_THRESHOLD = 0.9  # a word the model wrote is forced on other prompts only when clearly toxic
 
 
 def _scorer_fn(scorer) -> Callable[[list[str]], list[float]]:
@@ -446,23 +481,43 @@ def _say(progress: Callable[[str], None] | None, message: str) -> None:
         progress(message)
 
 
+def _cached_samples(work_dir: Path | None, key: dict, make: Callable[[], list[Sample]]) -> list[Sample]:
+    """``make()``, saved under ``work_dir`` keyed by ``key`` so an interrupted build resumes."""
+    if work_dir is None:
+        return make()
+    import hashlib
+
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = work_dir / f"samples-{key['part']}-{digest}.json"
+    if path.exists():
+        return [Sample(**row) for row in json.loads(path.read_text())]
+    samples = make()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([s.__dict__ for s in samples]))
+    tmp.rename(path)
+    return samples
+
+
 def build_detox_spec(model, tokenizer, *, count: int | None = None, lam: float | None = None,
                      counts: Sequence[int] = COUNTS, lams: Sequence[float] = LAMS, kl_budget: float = KL_BUDGET,
                      samples: int = 4, max_new_tokens: int = 20, per_template: int = 4, docstrings: int = 40,
-                     toxic: Sequence[Sequence[str]] | None = None, neutral: Sequence[str] | None = None,
-                     scorer=None, batch_size: int = 16, seed: int = 0, name: str = "detox",
+                     forced_per_prompt: int = 6, toxic: Sequence[Sequence[str]] | None = None,
+                     neutral: Sequence[str] | None = None, scorer=None, batch_size: int = 16, seed: int = 0,
+                     name: str = "detox", work_dir: str | Path | None = None,
                      progress: Callable[[str], None] | None = None) -> Spec:
     """Choose value-vector edits that lower toxicity at a bounded fluency cost (see module docstring).
 
-    ``toxic`` (groups of prompts sharing a source) and ``neutral`` replace the shipped selection
-    prompts; ``scorer`` is a name for ``evaluation.toxicity.get_toxicity_scorer``, an object with
-    ``.score(texts)`` or a function (default: alt-profanity-check, which works offline).
-    ``count`` / ``lam`` fix the number of vectors / the KL weight; otherwise every combination of
-    ``counts`` x ``lams`` is checked on held-out selection prompts and the one with the largest
-    drop of toxic log-likelihood whose mean KL stays within ``kl_budget`` wins.
+    ``toxic`` (groups of prompts sharing a source line) and ``neutral`` replace the shipped
+    selection prompts; ``scorer`` is a name for ``evaluation.toxicity.get_toxicity_scorer``, an
+    object with ``.score(texts)`` or a function (default: alt-profanity-check, offline).
+    ``count`` / ``lam`` fix the number of vectors / the weight of the KL cost; otherwise every
+    combination of ``counts`` x ``lams`` is checked on held-out selection prompts and the largest
+    drop of toxic log-likelihood whose mean KL per token stays within ``kl_budget`` wins.
+    ``work_dir`` keeps the sampled text, so a rerun (or an interrupted build) skips sampling.
     """
-    if samples < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError("samples, max_new_tokens and batch_size must be at least 1")
+    if samples < 1 or max_new_tokens < 1 or batch_size < 1 or forced_per_prompt < 0:
+        raise ValueError("samples, max_new_tokens and batch_size must be at least 1, forced_per_prompt >= 0")
     if count is not None and count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
     if lam is not None and not lam > 0:
@@ -472,33 +527,43 @@ def build_detox_spec(model, tokenizer, *, count: int | None = None, lam: float |
     toxic_groups = [list(g) for g in (toxic if toxic is not None else toxic_prompts(per_template, seed))]
     neutral_list = list(neutral if neutral is not None else neutral_prompts(docstrings))
     if len(toxic_groups) < 2 or len(neutral_list) < 2:
-        raise ValueError("need at least 2 toxic prompt groups and 2 neutral prompts (one of each is held out)")
-    every = min(4, len(toxic_groups))
-    tox_sel, tox_held = split_groups(toxic_groups, every)
+        raise ValueError("need at least 2 toxic prompt groups and 2 neutral prompts (some are held out)")
+    tox_sel, tox_held = split_groups(toxic_groups, min(4, len(toxic_groups)))
     neu_sel, neu_held = split_groups([[p] for p in neutral_list], min(4, len(neutral_list)))
-    runs = {}
-    for key, prompts, k in (("selection", tox_sel + neu_sel, samples), ("held-out", tox_held + neu_held, samples)):
-        _say(progress, f"sampling {len(prompts)} {key} prompts x {k}")
-        runs[key] = sample_continuations(model, tokenizer, prompts, k, max_new_tokens, seed=seed + (key == "held-out"),
-                                         batch_size=max(batch_size, 4 * k))
-        marked = mark_toxic(runs[key], tokenizer, score)
-        _say(progress, f"{key}: {marked} toxic words in {len(runs[key])} samples")
-    if not any(any(s.toxic) for s in runs["selection"]):
+    folder = Path(work_dir) if work_dir is not None else None
+    runs: dict[str, list[Sample]] = {}
+    for part, prompts in (("selection", tox_sel + neu_sel), ("held-out", tox_held + neu_held)):
+        part_seed = seed * 2 + (part == "held-out")
+        key = dict(part=part, model=fingerprint(model), prompts=prompts, samples=samples,
+                   max_new_tokens=max_new_tokens, seed=part_seed)
+        _say(progress, f"{part}: sampling {len(prompts)} prompts x {samples}")
+        runs[part] = _cached_samples(folder, key, lambda: sample_continuations(
+            model, tokenizer, prompts, samples, max_new_tokens, seed=part_seed, batch_size=max(batch_size, 4 * samples)))
+        marked = mark_toxic(runs[part], tokenizer, score)
+        _say(progress, f"{part}: {len(marked)} toxic words in {len(runs[part])} samples")
+    # forced continuations: the template words and the clearest toxic words the model wrote itself
+    seen = sorted({w.lower() for s in runs["selection"] for w, pos in _words(tokenizer, s.continuation_ids)
+                   if s.toxic and s.toxic[pos[0]] and w.isalpha() and len(w) >= 3})
+    words = sorted(set(TEMPLATE_WORDS) | {w for w, p in zip(seen, score(seen) if seen else []) if p >= FORCED_THRESHOLD})
+    forced = {"selection": [], "held-out": []}
+    if forced_per_prompt:
+        for part, prompts in (("selection", tox_sel), ("held-out", tox_held)):
+            forced[part] = forced_samples(model, tokenizer, prompts, words, forced_per_prompt, batch_size)
+    if not any(any(s.toxic) for s in runs["selection"] + forced["selection"]):
         raise ValueError("the selection samples contain no word the scorer flags: nothing to learn from; "
                          "use more samples or other toxic prompts")
-    _say(progress, "attributing (gradients of every FFN coefficient)")
-    att = attribute(model, runs["selection"], batch_size=batch_size, seed=seed)
-    held = HeldOut(model, runs["held-out"], batch_size=batch_size)
-    grid = [(c, l) for l in ([lam] if lam is not None else lams) for c in ([count] if count is not None else counts)]
+    _say(progress, f"attributing {len(runs['selection'])} samples + {len(forced['selection'])} forced continuations")
+    att = attribute(model, runs["selection"] + forced["selection"], batch_size=batch_size, seed=seed)
+    held = HeldOut(model, runs["held-out"] + forced["held-out"], batch_size=batch_size)
+    grid = [(l, c) for l in ([lam] if lam is not None else lams) for c in ([count] if count is not None else counts)]
     results = []
     for lam_, count_ in grid:
         chosen = candidates(att, lam_)[:count_]
-        if not chosen:
+        if not chosen or any(r[0] == lam_ and r[1] == len(chosen) for r in results):
             continue
-        spec = spec_from(chosen, model, name)
-        result = held.check(spec)
+        result = held.check(spec_from(chosen, model, name))
         results.append((lam_, len(chosen), result, chosen))
-        _say(progress, f"lam {lam_:g} count {len(chosen)}: toxic drop {result.toxic_drop:.3f} nats, "
+        _say(progress, f"lam {lam_:g} count {len(chosen)}: held-out toxic drop {result.toxic_drop:.3f} nats, "
                        f"KL {result.kl:.4f} nats/token")
     if not results:
         raise ValueError("no value-vector edit lowers the toxic log-likelihood on the selection samples")
@@ -506,8 +571,9 @@ def build_detox_spec(model, tokenizer, *, count: int | None = None, lam: float |
     lam_, count_, result, chosen = max(fits, key=lambda r: r[2].toxic_drop)
     meta = dict(method="gradient attribution: toxic-span log-likelihood vs Fisher KL on the model's own samples",
                 lam=lam_, count=count_, kl_budget=kl_budget, held_out_toxic_drop=round(result.toxic_drop, 4),
-                held_out_kl=round(result.kl, 5), selection_samples=len(runs["selection"]),
-                held_out_samples=len(runs["held-out"]), toxic_spans=att.n_spans,
+                held_out_kl=round(result.kl, 5), held_out_toxic_ratio=round(result.toxic_mass, 4),
+                selection_samples=len(runs["selection"]), forced_continuations=len(forced["selection"]),
+                held_out_samples=len(runs["held-out"]), toxic_spans=round(att.n_spans, 2),
                 fingerprint=fingerprint(model))
     return spec_from(chosen, model, name, **meta)
 

@@ -137,7 +137,7 @@ def test_mark_toxic_marks_whole_words():
     tokenizer = _tokenizer()
     ids = tokenizer(" you are a stupid idiot, really", add_special_tokens=False).input_ids
     sample = Sample([1], ids)
-    assert mark_toxic([sample], tokenizer, lambda words: [float(w in ("stupid", "idiot")) for w in words]) == 2
+    assert mark_toxic([sample], tokenizer, lambda words: [float(w in ("stupid", "idiot")) for w in words]) == ["stupid", "idiot"]
     marked = tokenizer.decode([t for t, flag in zip(ids, sample.toxic) if flag])
     assert marked.split() == ["stupid", "idiot"]
 
