@@ -1,7 +1,7 @@
 """Layer scan on the embedded model: the cheap scan (prefix outputs reused) against the naive way
-(one full pass per skipped layer), timed side by side on the same held-out text, batch by batch
-in alternation so load drift on a shared machine hits both alike; then the best greedy two-layer
-plan and its decoding speed against plain ``generate`` at batch 1.
+(one full pass per skipped layer), timed side by side on the same held-out text, candidate by
+candidate in alternation so load bursts on a shared machine hit both alike; then the best greedy
+two-layer plan and its decoding speed against plain ``generate`` at batch 1.
 
     python bench/layers.py [--tokens 1024] [--threads 1]
 
@@ -24,24 +24,46 @@ def held_out_text(max_chars: int = 60_000) -> str:
     return docstring_text("heldout", max_chars)
 
 
-def merge(parts: list, blocks_per_part: list[int]):
-    """Combine per-batch scans (equal-length blocks): perplexity is the token-weighted geometric mean."""
-    from steer.layer_scan import PlanScore
+@torch.no_grad()
+def timed_scans(model, blocks: torch.Tensor, batch_size: int):
+    """Every single-layer skip scored both ways, candidate by candidate in alternation, with the
+    primitives ``scan_skips`` uses; returns (cheap Scan, naive Scan, cheap seconds, naive seconds)."""
+    from steer import Adapter
+    from steer.layer_scan import PlanScore, Scan, _forward, _recording, _Tally
+    from steer.layers import LayerOp, layer_ops
 
-    total = sum(blocks_per_part)
+    adapter = Adapter(model)
+    n = adapter.n_layers
+    seconds = {True: 0.0, False: 0.0}
+    base = _Tally()
+    tallies = {reuse: {k: _Tally() for k in range(n)} for reuse in (True, False)}
+    reference = []
+    for b, ids in enumerate(torch.split(blocks, batch_size)):
+        outputs: list = [None] * n
+        start = time.perf_counter()  # the cheap way's reference pass records every layer's output
+        with _recording(adapter.layers, outputs):
+            logits = _forward(model, ids)
+        reference.append(logits.max(-1).indices)
+        base.add(logits, ids, reference[-1])
+        seconds[True] += time.perf_counter() - start
+        start = time.perf_counter()  # the naive way's reference pass
+        _Tally().add(_forward(model, ids), ids, reference[-1])
+        seconds[False] += time.perf_counter() - start
+        for k in range(n):
+            for reuse in ((True, False) if (b + k) % 2 == 0 else (False, True)):
+                start = time.perf_counter()
+                with layer_ops(model, [LayerOp.skip(k)], replay=outputs[:k] if reuse else None):
+                    tallies[reuse][k].add(_forward(model, ids), ids, reference[-1])
+                seconds[reuse] += time.perf_counter() - start
+        print(f"batch {b + 1}: scan {seconds[True]:.1f}s, naive {seconds[False]:.1f}s so far", flush=True)
 
-    def combine(scores: list[PlanScore]) -> PlanScore:
-        log_ppl = sum(math.log(s.perplexity) * w for s, w in zip(scores, blocks_per_part)) / total
-        agreement = sum(s.agreement * w for s, w in zip(scores, blocks_per_part)) / total
-        return PlanScore(scores[0].skipped, math.exp(log_ppl), 0.0, agreement, scores[0].compute)
+    def score(k: int, tally) -> PlanScore:
+        return PlanScore((k,), tally.perplexity, tally.perplexity / base.perplexity - 1,
+                         tally.agree / tally.positions, (n - 1) / n)
 
-    base = combine([p.base for p in parts])
-    singles = {}
-    for k in parts[0].candidates:
-        score = combine([p.candidates[k] for p in parts])
-        score.rise = score.perplexity / base.perplexity - 1
-        singles[k] = score
-    return base, singles
+    base_score = PlanScore((), base.perplexity, 0.0, 1.0, 1.0)
+    scans = [Scan(base_score, {k: score(k, t) for k, t in tallies[reuse].items()}, reference) for reuse in (True, False)]
+    return scans[0], scans[1], seconds[True], seconds[False]
 
 
 @torch.no_grad()
@@ -93,7 +115,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from steer import load_model
-    from steer.layer_scan import greedy_plans, scan_skips, text_blocks, tokens_per_second, Scan
+    from steer.layer_scan import greedy_plans, text_blocks, tokens_per_second
 
     model, tokenizer = load_model()
     blocks = text_blocks(tokenizer, held_out_text(), args.block, args.tokens)
@@ -102,23 +124,9 @@ def main() -> None:
     with torch.no_grad():  # warm-up: the first passes pay one-time allocation costs
         for _ in range(2):
             model(blocks[: args.batch_size], use_cache=False)
-    cheap_parts, naive_parts, sizes = [], [], []
-    cheap_s = naive_s = 0.0
-    for i, batch in enumerate(torch.split(blocks, args.batch_size)):
-        timed = {}
-        for reuse in ((True, False) if i % 2 == 0 else (False, True)):  # alternate which goes first
-            start = time.perf_counter()
-            timed[reuse] = scan_skips(model, batch, batch_size=args.batch_size, reuse=reuse)
-            timed[reuse, "s"] = time.perf_counter() - start
-        cheap_parts.append(timed[True])
-        naive_parts.append(timed[False])
-        cheap_s += timed[True, "s"]
-        naive_s += timed[False, "s"]
-        sizes.append(batch.shape[0])
-        print(f"batch {i + 1}: scan {cheap_s:.1f}s, naive {naive_s:.1f}s so far", flush=True)
-    base, singles = merge(cheap_parts, sizes)
-    _, naive_singles = merge(naive_parts, sizes)
-    worst_gap = max(abs(singles[k].perplexity / naive_singles[k].perplexity - 1) for k in singles)
+    first, naive, cheap_s, naive_s = timed_scans(model, blocks, args.batch_size)
+    base, singles = first.base, first.candidates
+    worst_gap = max(abs(singles[k].perplexity / naive.candidates[k].perplexity - 1) for k in singles)
     print(f"single-layer scan: {cheap_s:.1f}s cheap vs {naive_s:.1f}s naive; largest relative perplexity "
           f"difference between the two {worst_gap:.1e}")
     print(f"unmodified perplexity {base.perplexity:.3f}")
@@ -127,7 +135,6 @@ def main() -> None:
         print(f"{k:>5} {s.perplexity:>10.3f} {s.rise:>+9.1%} {s.agreement:>6.1%}")
     best_single = min(singles.values(), key=lambda s: s.perplexity)
 
-    first = Scan(base, singles)
     plans = greedy_plans(model, blocks, max_skips=2, first=first, batch_size=args.batch_size)
     pair = plans[1]
     print(f"best single: {best_single.name} {best_single.rise:+.1%}; greedy pair: {pair.name} {pair.rise:+.1%} "

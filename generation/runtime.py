@@ -180,7 +180,7 @@ class _Controller:
         if not has_cache:
             return  # no cache: nothing later tokens could read
         try:
-            original(self.frozen + 0.3, *proxied_args, **proxied_kwargs)
+            original(self.frozen, *proxied_args, **proxied_kwargs)
         except _KVWritten:
             return
         raise RuntimeError("a skipped layer did not write its key/value cache; early exit cannot keep it consistent")

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "evaluation.commands",
     "ui.commands",
     "steer.layer_commands",
+    "generation.commands",
 ]
 
 

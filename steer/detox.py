@@ -189,24 +189,36 @@ def forced_samples(model, tokenizer, prompts: Sequence[str], words: Sequence[str
                    batch_size: int = 32) -> list[Sample]:
     """Each prompt continued by the toxic words the model finds most likely there (teacher forced).
 
-    Words are ranked by the probability of their first token after the prompt; the ``per_prompt``
-    best get weights proportional to it, summing to 1 per prompt, so a prompt counts like one span.
+    Words are shortlisted by the probability of their first token after the prompt, then ranked
+    by the probability of the whole word; the ``per_prompt`` best get weights proportional to it,
+    summing to 1 per prompt, so that a prompt counts like one toxic span of the model's own.
     """
     words = sorted({w.strip() for w in words if w.strip()})
     pieces = [tokenizer(" " + w, add_special_tokens=False).input_ids for w in words]
     first = torch.tensor([p[0] for p in pieces])
     device = next(model.parameters()).device
-    out: list[Sample] = []
+    shortlist: list[Sample] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)  # left padded: prompts end together
         logp = torch.log_softmax(model(**enc).logits[:, -1].float(), -1).cpu()[:, first]
         for prompt, scores in zip(chunk, logp):
-            best = scores.topk(min(per_prompt, len(words)))
-            weights = torch.softmax(best.values, 0)
             prompt_ids = tokenizer(prompt).input_ids
-            for w, i in zip(weights.tolist(), best.indices.tolist()):
-                out.append(Sample(prompt_ids, pieces[i], [True] * len(pieces[i]), words[i], weight=w, own=False))
+            for i in scores.topk(min(2 * per_prompt, len(words))).indices.tolist():
+                shortlist.append(Sample(prompt_ids, pieces[i], [True] * len(pieces[i]), words[i], own=False))
+    word_logp = []  # log p(whole word | prompt)
+    for _, input_ids, mask, cont, *_ in _batches(shortlist, batch_size):
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        word_logp += (_token_logp(logits, input_ids.to(device)) * cont.to(device)).sum(1).tolist()
+    out: list[Sample] = []
+    per = min(2 * per_prompt, len(words))
+    for start in range(0, len(shortlist), per):
+        group = shortlist[start:start + per]
+        values = torch.tensor(word_logp[start:start + per])
+        best = values.topk(min(per_prompt, len(group)))
+        for w, i in zip(torch.softmax(best.values, 0).tolist(), best.indices.tolist()):
+            group[i].weight = w
+            out.append(group[i])
     return out
 
 

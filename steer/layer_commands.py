@@ -63,9 +63,7 @@ def plot_scan(singles, plans, base, path: Path, max_rise: float | None = None) -
 
 
 def _scan(args) -> int:
-    import torch
-
-    from .layer_scan import greedy_plans, scan_skips, text_blocks, tokens_per_second, within_budget
+    from .layer_scan import greedy_plans, round_robin_speeds, scan_skips, text_blocks, within_budget
     from .spec import Spec
 
     if args.out and args.max_ppl_rise is None:
@@ -78,21 +76,23 @@ def _scan(args) -> int:
     n = Adapter(model).n_layers
     print(f"{blocks.numel()} tokens in {blocks.shape[0]} blocks of {args.block}; scanning {n} layers "
           f"(about {n // 2 + 1} full passes), then up to {args.max_skips} greedy steps", flush=True)
-    reference: list[torch.Tensor] = []
-    first = scan_skips(model, blocks, batch_size=args.batch_size, reference=reference)
+    first = scan_skips(model, blocks, batch_size=args.batch_size)
     # The whole depth even past the budget: the curve shows how fast quality falls.
-    plans = greedy_plans(model, blocks, max_skips=args.max_skips, first=first, batch_size=args.batch_size,
-                         reference=reference)
+    plans = greedy_plans(model, blocks, max_skips=args.max_skips, first=first, batch_size=args.batch_size)
     base, singles = first.base, first.candidates
+    best = min(singles.values(), key=lambda s: s.perplexity)
     if args.speed_tokens > 0:
-        prompt = blocks[0, :32]
-        tokens_per_second(model, prompt, new_tokens=2)  # warm-up
-        for row in [base, *singles.values(), *plans]:  # best of two: load bursts only ever slow a run down
-            row.tokens_per_s = tokens_per_second(model, prompt, row.ops, args.speed_tokens, repeats=2)
-        base.tokens_per_s = max(base.tokens_per_s, tokens_per_second(model, prompt, (), args.speed_tokens))
+        # Every single skip runs the same n - 1 layers, so one of them stands for all (marked *).
+        rows = [base] + list({id(r): r for r in (best, *plans)}.values())
+        speeds = round_robin_speeds(model, blocks[0, :32], [r.ops for r in rows], args.speed_tokens, args.speed_rounds)
+        for row, speed in zip(rows, speeds):
+            row.tokens_per_s = speed
+        for row in singles.values():
+            row.tokens_per_s = best.tokens_per_s
 
     def line(kind, row):
-        speed = f"{row.tokens_per_s:8.2f}" if row.tokens_per_s else f"{'-':>8}"
+        star = "*" if kind == "single" and row.skipped != best.skipped else " "
+        speed = f"{row.tokens_per_s:7.2f}{star}" if row.tokens_per_s else f"{'-':>8}"
         return (f"{kind:<7}{row.name:<22}{row.compute:>8.1%}{row.perplexity:>11.3f}{row.rise:>+10.1%}"
                 f"{row.agreement:>8.1%}{speed}")
 
@@ -102,7 +102,9 @@ def _scan(args) -> int:
         print(line("single", singles[k]))
     for plan in plans:
         print(line("greedy", plan))
-    best = min(singles.values(), key=lambda s: s.perplexity)
+    if args.speed_tokens > 0:
+        print(f"tok/s: greedy decoding at batch 1, {args.speed_tokens} tokens, median of {args.speed_rounds} rounds "
+              f"taken in turns; * = measured once for all single skips (the same {n - 1} of {n} layers run)")
     worst = max(singles.values(), key=lambda s: s.perplexity)
     print(f"Cheapest single skip: layer {best.skipped[0]}, perplexity {best.rise:+.1%}; costliest: layer "
           f"{worst.skipped[0]}, x{worst.perplexity / base.perplexity:.1f}.")
@@ -224,6 +226,7 @@ def register(subparsers) -> None:
     scan.add_argument("--png", default="layers_scan.png", help="figure path ('' for none)")
     scan.add_argument("--csv", default=None, help="also write the table as CSV")
     scan.add_argument("--speed-tokens", type=int, default=16, help="tokens generated per tok/s measurement (0: skip)")
+    scan.add_argument("--speed-rounds", type=int, default=3, help="tok/s measurements per plan (median)")
     scan.set_defaults(func=_scan)
 
     analyze = subparsers.add_parser("analyze", help="analyses of a model's layers")

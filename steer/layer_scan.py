@@ -69,6 +69,7 @@ class Scan:
 
     base: PlanScore
     candidates: dict[int, PlanScore] = field(default_factory=dict)
+    reference: list[torch.Tensor] = field(default_factory=list)  # unmodified top-1 tokens, per batch
 
     def best(self) -> PlanScore:
         return min(self.candidates.values(), key=lambda s: s.perplexity)
@@ -111,19 +112,20 @@ def scan_skips(model, blocks: torch.Tensor, base: Sequence[int] = (), candidates
                baseline: float | None = None, progress: Callable[[str], None] | None = None) -> Scan:
     """Score ``base + (k,)`` for every candidate layer ``k`` on ``blocks`` of token ids.
 
-    ``reference``: the unmodified model's top-1 token per batch (computed when ``base`` is empty
-    and filled in), ``baseline``: its perplexity; both are reused across greedy steps.
+    ``reference``: the unmodified model's top-1 token per batch (computed when ``base`` is empty),
+    ``baseline``: its perplexity; greedy steps reuse both from the single-layer scan.
     """
     adapter = Adapter(model)
     n = adapter.n_layers
     base = tuple(sorted(base))
-    if base and reference is None:
-        raise ValueError("scoring a non-empty base plan needs the unmodified model's reference tokens")
+    batches = list(torch.split(blocks, batch_size))
+    if base and (reference is None or len(reference) != len(batches) or baseline is None):
+        raise ValueError("scoring on top of a plan needs the unmodified model's top-1 tokens for every batch "
+                         "and its perplexity (the single-layer scan's reference and base perplexity)")
     candidates = [k for k in (range(n) if candidates is None else candidates) if k not in base]
     device = next(model.parameters()).device
     base_tally, tallies = _Tally(), {k: _Tally() for k in candidates}
-    reference = [] if reference is None else reference
-    batches = list(torch.split(blocks, batch_size))
+    reference = [] if reference is None else list(reference)
     outputs: list = [None] * n
     for b, ids in enumerate(batches):
         ids = ids.to(device)
@@ -147,27 +149,27 @@ def scan_skips(model, blocks: torch.Tensor, base: Sequence[int] = (), candidates
         return PlanScore(skipped, tally.perplexity, tally.perplexity / baseline - 1,
                          tally.agree / tally.positions, len(executed_layers(ops, n)) / n)
 
-    return Scan(score(base, base_tally), {k: score(tuple(sorted(base + (k,))), t) for k, t in tallies.items()})
+    return Scan(score(base, base_tally), {k: score(tuple(sorted(base + (k,))), t) for k, t in tallies.items()},
+                reference)
 
 
 def greedy_plans(model, blocks: torch.Tensor, max_skips: int = 4, max_rise: float | None = None,
-                 first: Scan | None = None, batch_size: int = 4, reference: list[torch.Tensor] | None = None,
+                 first: Scan | None = None, batch_size: int = 4,
                  progress: Callable[[str], None] | None = None) -> list[PlanScore]:
     """Greedy search: each step adds the layer whose skip hurts perplexity least.
 
     Returns the plan after each step (1..max_skips layers). Stops early once a step's best plan
     is over ``max_rise`` (that plan is still returned, to show where the budget ends). ``first``:
-    the single-layer scan, when already done (it is step one).
+    the single-layer scan of the same ``blocks`` and ``batch_size``, when already done (step one).
     """
-    reference = [] if reference is None else reference
     if first is None:
-        first = scan_skips(model, blocks, batch_size=batch_size, reference=reference, progress=progress)
+        first = scan_skips(model, blocks, batch_size=batch_size, progress=progress)
     baseline = first.base.perplexity
     plans = [first.best()]
     while len(plans) < max_skips and (max_rise is None or plans[-1].rise <= max_rise):
         if len(plans[-1].skipped) >= Adapter(model).n_layers - 1:
             break
-        step = scan_skips(model, blocks, base=plans[-1].skipped, batch_size=batch_size, reference=reference,
+        step = scan_skips(model, blocks, base=plans[-1].skipped, batch_size=batch_size, reference=first.reference,
                           baseline=baseline, progress=progress)
         plans.append(step.best())
     return plans
@@ -195,3 +197,15 @@ def tokens_per_second(model, prompt: torch.Tensor, ops: Sequence[LayerOp] = (), 
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
             best = min(best, time.perf_counter() - start)
     return new_tokens / best
+
+
+def round_robin_speeds(model, prompt: torch.Tensor, plans: Sequence[Sequence[LayerOp]], new_tokens: int = 16,
+                       rounds: int = 3) -> list[float]:
+    """Median tokens/s of each plan, measured in turns (plan 1, 2, ..., 1, 2, ...) so that load
+    bursts on a shared machine spread over all plans instead of landing on one."""
+    tokens_per_second(model, prompt, new_tokens=2)  # warm-up
+    runs: list[list[float]] = [[] for _ in plans]
+    for _ in range(rounds):
+        for i, ops in enumerate(plans):
+            runs[i].append(tokens_per_second(model, prompt, ops, new_tokens))
+    return [sorted(r)[len(r) // 2] for r in runs]

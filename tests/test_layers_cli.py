@@ -40,7 +40,7 @@ def test_scan_table_png_and_budget_spec(setup, capsys):
     model_dir, text = str(setup / "model"), str(setup / "text.txt")
     out = setup / "plan.yaml"
     args = ["layers", "scan", "--text", text, "--model", model_dir, "--block", "32", "--max-tokens", "128",
-            "--max-skips", "2", "--speed-tokens", "2", "--png", str(setup / "scan.png"), "--csv", str(setup / "scan.csv")]
+            "--max-skips", "2", "--speed-tokens", "2", "--speed-rounds", "1", "--png", str(setup / "scan.png"), "--csv", str(setup / "scan.csv")]
     assert main(args + ["--max-ppl-rise", "1000", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Cheapest single skip: layer" in printed
@@ -48,6 +48,8 @@ def test_scan_table_png_and_budget_spec(setup, capsys):
     table = rows(setup / "scan.csv")
     assert [r["kind"] for r in table] == ["base"] + ["single"] * 4 + ["greedy"] * 2
     assert all(float(r["tokens_per_s"]) > 0 for r in table)
+    assert len({r["tokens_per_s"] for r in table if r["kind"] == "single"}) == 1  # same compute: measured once
+    assert "* = measured once for all single skips" in printed
     model, tokenizer = load_model(model_dir)
     expected = scan_skips(model, text_blocks(tokenizer, (setup / "text.txt").read_text(), 32, 128))
     for r in table[1:5]:

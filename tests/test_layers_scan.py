@@ -68,6 +68,11 @@ def test_greedy_steps_equal_naive_pairs():
     assert plans[2].perplexity == pytest.approx(ppl, rel=1e-5)
     assert plans[2].agreement == pytest.approx(float((tokens == top1).float().mean()))
     assert plans[2].compute == pytest.approx(2 / 5)
+    # given the single-layer scan, greedy reuses its reference: agreement is still with the unmodified model
+    again = greedy_plans(model, ids, max_skips=2, batch_size=3, first=scan_skips(model, ids, batch_size=3))
+    assert again[1].skipped == plans[1].skipped and again[1].agreement == plans[1].agreement
+    with pytest.raises(ValueError, match="unmodified model's top-1 tokens"):
+        scan_skips(model, ids, base=(1,), batch_size=3)
 
 
 def test_budget_picks_the_most_skips_within_it():

@@ -1,0 +1,165 @@
+"""``steer early-exit fit|eval`` and ``steer generate`` (with optional steering and early exit)."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from steer.commands import add_model_args, load_from_args
+
+DOCSTRINGS = "docstrings"
+
+
+def _read_text(value: str | None, split: str) -> str:
+    """``FILE``, or the built-in docstring corpus (``docstrings``) in ``split``."""
+    if value is None or value == DOCSTRINGS:
+        from .corpus import docstring_text
+
+        return docstring_text(split, max_chars=160_000)
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path} (or pass --text {DOCSTRINGS} for Python's docstrings)")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _fit(args) -> int:
+    from .fit import fit_exit_model
+
+    text = _read_text(args.text, "fit")
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    model, tokenizer = load_from_args(args)
+    start = time.perf_counter()
+    exit_model = fit_exit_model(model, tokenizer, text, layers=layers, max_tokens=args.max_tokens,
+                                target_agreement=args.target, progress=True)
+    folder = exit_model.save(args.out)
+    info = exit_model.info
+    print(f"fitted on {info['tokens']} tokens in {time.perf_counter() - start:.0f} s; check layers "
+          f"{exit_model.check_layers[0]}..{exit_model.check_layers[-1]}; oracle saves {info['oracle_saved']:.1%} (out-of-fold)")
+    point = next(p for p in info["calibration"] if p[0] == exit_model.default_threshold)
+    print(f"default threshold {exit_model.default_threshold}: saves {point[1]:.1%} at {point[2]:.1%} top-1 agreement "
+          f"on the fit text (out-of-fold)")
+    print(f"saved to {folder}")
+    return 0
+
+
+def _parse_thresholds(values: list[str] | None) -> dict | None:
+    if not values:
+        return None
+    from .exit_model import RULES
+    from .rules import check_threshold
+
+    out: dict[str, list[float]] = {}
+    for value in values:
+        rule, _, numbers = value.partition("=")
+        if rule not in RULES or not numbers:
+            raise ValueError(f"--thresholds takes RULE=T1,T2 with RULE in {', '.join(RULES)}; got {value!r}")
+        try:
+            out[rule] = [check_threshold(float(x)) for x in numbers.split(",")]
+        except ValueError as err:
+            raise ValueError(f"--thresholds {value!r}: {err}") from None
+    return out
+
+
+def _eval(args) -> int:
+    from .evaluate import evaluate, plot
+    from .exit_model import load_exit_model
+
+    thresholds = _parse_thresholds(args.thresholds)
+    exit_model = load_exit_model(args.exit_model)
+    text = _read_text(args.text, "heldout")
+    model, tokenizer = load_from_args(args)
+    exit_model.check_model(model)
+    report = evaluate(model, tokenizer, text, exit_model, thresholds=thresholds, max_tokens=args.max_tokens,
+                      real_chunks=args.real_chunks, prompts=args.prompts, max_new_tokens=args.new_tokens,
+                      repeats=args.repeats)
+    print(report.table())
+    if args.plot:
+        print(f"curve saved to {plot(report, args.plot, title=f'early exit, {exit_model.model_name}')}")
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+        print(f"results saved to {args.json}")
+    return 0
+
+
+def _generate(args) -> int:
+    from contextlib import ExitStack
+
+    import torch
+
+    model, tokenizer = load_from_args(args)
+    device = next(model.parameters()).device
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
+    with ExitStack() as stack:
+        if args.intervention:
+            from steer import Spec, steering
+
+            stack.enter_context(steering(model, Spec.load(args.intervention)))
+        stats = None
+        if args.early_exit:
+            from .exit_model import load_exit_model
+            from .runtime import early_exit
+
+            exit_model = load_exit_model(args.early_exit)
+            threshold = exit_model.default_threshold if args.threshold is None else args.threshold
+            stats = stack.enter_context(early_exit(model, exit_model, threshold, rule=args.rule))
+        elif args.threshold is not None:
+            raise ValueError("--threshold needs --early-exit DIR")
+        torch.manual_seed(args.seed)
+        sample = args.top_p is not None
+        start = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=sample,
+                             top_p=args.top_p if sample else None, pad_token_id=tokenizer.pad_token_id)
+        seconds = time.perf_counter() - start
+    new = out[0, inputs.input_ids.shape[1]:]
+    print(tokenizer.decode(new, skip_special_tokens=True))
+    note = f"[{len(new)} tokens in {seconds:.2f} s"
+    if stats is not None:
+        note += f"; early exit saved {stats.layers_saved_fraction:.1%} of layer compute (threshold {threshold})"
+    print(note + "]")
+    return 0
+
+
+def register(subparsers) -> None:
+    early = subparsers.add_parser("early-exit", help="fit and evaluate FFN-saturation early exit")
+    sub = early.add_subparsers(dest="early_exit_command", required=True)
+
+    fit = sub.add_parser("fit", help="fit layer maps and the exit classifier on a text")
+    fit.add_argument("--text", required=True, help=f"UTF-8 text file to fit on, or '{DOCSTRINGS}' (Python's docstrings, "
+                                                   "fit split)")
+    fit.add_argument("--out", required=True, help="folder to write the exit model to")
+    fit.add_argument("--max-tokens", type=int, default=16384, help="tokens of the text to use (default 16384)")
+    fit.add_argument("--layers", default=None, help="check layers, e.g. 8,12,16 (default: a quarter of the depth "
+                                                    "up to the second-to-last layer)")
+    fit.add_argument("--target", type=float, default=0.95, help="agreement the default threshold must reach")
+    fit.set_defaults(func=_fit)
+
+    ev = sub.add_parser("eval", help="side-by-side table and curve on held-out text")
+    ev.add_argument("--exit-model", required=True, help="folder written by `steer early-exit fit`")
+    ev.add_argument("--text", default=DOCSTRINGS, help=f"held-out text file (default: '{DOCSTRINGS}', the held-out "
+                                                       "split of Python's docstrings)")
+    ev.add_argument("--thresholds", nargs="*", default=None, metavar="RULE=T1,T2",
+                    help="thresholds for the real runs, e.g. classifier=0.8,0.9 confidence=0.9 (default: the "
+                         "threshold reaching 95%% simulated agreement and one either side, per rule)")
+    ev.add_argument("--max-tokens", type=int, default=4096)
+    ev.add_argument("--real-chunks", type=int, default=8, help="128-token chunks for the real teacher-forced runs")
+    ev.add_argument("--prompts", type=int, default=4, help="prompts for greedy match and tokens/s (0: skip)")
+    ev.add_argument("--new-tokens", type=int, default=32)
+    ev.add_argument("--repeats", type=int, default=3)
+    ev.add_argument("--plot", default="docs/early_exit.png", help="PNG for the curve ('' to skip)")
+    ev.add_argument("--json", default=None, help="also write all numbers to this JSON file")
+    ev.set_defaults(func=_eval)
+
+    gen = subparsers.add_parser("generate", help="continue a prompt, optionally steered and with early exit")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--intervention", default=None, help="spec file (JSON/YAML) to steer with")
+    gen.add_argument("--early-exit", default=None, metavar="DIR", help="exit model folder: turns early exit on")
+    gen.add_argument("--threshold", type=float, default=None, help="exit threshold in [0, 1] (default: the exit "
+                                                                    "model's, chosen for 95%% agreement)")
+    gen.add_argument("--rule", default="classifier", choices=("classifier", "confidence"))
+    gen.add_argument("--top-p", type=float, default=None, help="sample with nucleus p (default: greedy)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_generate)
+
+    for parser in (fit, ev, gen):
+        add_model_args(parser)
