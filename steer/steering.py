@@ -123,19 +123,18 @@ class SteeringProcessor(LogitsProcessor):
     """Pass to ``model.generate(logits_processor=[...])`` to steer that generation only.
 
     Logits processors are first called *after* the prompt's forward pass, too late to steer
-    it, so constructing one wraps ``model.generate`` once: the wrapper attaches the hooks of
-    every SteeringProcessor it is given before the first forward and removes them when
-    ``generate`` returns or raises (KeyboardInterrupt included). Scores pass through unchanged.
+    it, so importing steer wraps transformers' ``GenerationMixin.generate`` once: when the call
+    carries SteeringProcessors, the wrapper attaches their hooks before the first forward and
+    removes them when ``generate`` returns or raises (KeyboardInterrupt included); without
+    one it calls the original directly. Scores pass through unchanged.
 
-    >>> steer = SteeringProcessor(model, Spec.load("detox.json"))   # doctest: +SKIP
-    >>> model.generate(**inputs, logits_processor=[steer], max_new_tokens=20)  # doctest: +SKIP
+    >>> model.generate(**inputs, logits_processor=[SteeringProcessor(model, spec)])  # doctest: +SKIP
     """
 
     def __init__(self, model: torch.nn.Module, specs: Specs):
         compile_specs(model, specs)  # validate now, not mid-generation
         self.model, self.specs = model, specs
         self.active = False
-        _wrap_generate(model)
 
     @contextmanager
     def attached(self) -> Iterator[None]:
@@ -149,8 +148,8 @@ class SteeringProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.active:
             raise RuntimeError(
-                "SteeringProcessor was not attached: it only works in the generate() of the model it "
-                "was made for; otherwise wrap the call in `with steering(model, spec):`"
+                "SteeringProcessor was not attached: this model's class overrides generate(); "
+                "wrap the call in `with steering(model, spec):` instead"
             )
         return scores
 
@@ -160,22 +159,28 @@ def _processors_in(args: tuple, kwargs: dict) -> list[SteeringProcessor]:
     return [p for group in candidates if group for p in group if isinstance(p, SteeringProcessor)]
 
 
-def _wrap_generate(model: torch.nn.Module) -> None:
-    if getattr(model.generate, "_steer_wrapped", False):
+def _wrap_generate() -> None:
+    """Make ``GenerationMixin.generate`` attach the SteeringProcessors it is given (once per process)."""
+    from transformers.generation.utils import GenerationMixin
+
+    original = GenerationMixin.generate
+    if getattr(original, "_steer_wrapped", False):
         return
-    original = model.generate
 
     @functools.wraps(original)
-    def generate(*args, **kwargs):
+    def generate(self, *args, **kwargs):
         processors = _processors_in(args, kwargs)
         if not processors:
-            return original(*args, **kwargs)
+            return original(self, *args, **kwargs)
         with ExitStack() as stack:
             for processor in processors:
-                if processor.model is not model:
+                if processor.model is not self:
                     raise ValueError("a SteeringProcessor was passed to the generate() of another model")
                 stack.enter_context(processor.attached())
-            return original(*args, **kwargs)
+            return original(self, *args, **kwargs)
 
     generate._steer_wrapped = True  # type: ignore[attr-defined]
-    model.generate = generate
+    GenerationMixin.generate = generate
+
+
+_wrap_generate()

@@ -143,6 +143,10 @@ def test_processor_steers_prompt_and_detaches():
     assert torch.equal(got, expected)
     assert no_hooks(model) and not processor.active
     assert not torch.equal(model.generate(PROMPT, max_new_tokens=8, do_sample=False), expected)
+    # built inline, after `model.generate` was looked up: still attached before the prompt's forward
+    inline = model.generate(PROMPT, max_new_tokens=8, do_sample=False,
+                            logits_processor=[SteeringProcessor(model, spec)])
+    assert torch.equal(inline, expected) and no_hooks(model)
 
 
 class Boom(StoppingCriteria):
