@@ -20,6 +20,7 @@ class Trace:
     """One chunk's record; ``hidden[l]`` is layer ``l``'s output, ``hidden[-1]`` the last layer's."""
 
     hidden: torch.Tensor  # (n_layers, T, d) float32
+    embedded: torch.Tensor  # (T, d) the input of layer 0
     coef: dict[int, torch.Tensor]  # layer -> (T, d_ff)
     update: dict[int, torch.Tensor]  # layer -> (T, d)
     logits: torch.Tensor  # (T, vocab) the full model's
@@ -31,6 +32,10 @@ def recording(model: torch.nn.Module, ffn_layers: list[int]) -> Iterator[dict]:
     adapter = Adapter(model)
     store: dict = {"hidden": {}, "coef": {}, "update": {}}
     handles = []
+
+    def on_input(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        store["embedded"] = hidden[0].detach().float()
 
     def on_layer(layer: int):
         def hook(module, args, output):
@@ -44,6 +49,7 @@ def recording(model: torch.nn.Module, ffn_layers: list[int]) -> Iterator[dict]:
         return hook
 
     try:
+        handles.append(adapter.layers[0].register_forward_pre_hook(on_input, with_kwargs=True))
         for layer, module in enumerate(adapter.layers):
             handles.append(module.register_forward_hook(on_layer(layer)))
         for layer in ffn_layers:
@@ -63,4 +69,4 @@ def trace_chunks(model: torch.nn.Module, chunks: list[torch.Tensor], ffn_layers:
         for ids in chunks:
             logits = model(ids.to(device), use_cache=False).logits[0].float()
             hidden = torch.stack([store["hidden"][layer] for layer in range(n_layers)])
-            yield Trace(hidden, dict(store["coef"]), dict(store["update"]), logits)
+            yield Trace(hidden, store["embedded"], dict(store["coef"]), dict(store["update"]), logits)

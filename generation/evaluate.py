@@ -51,7 +51,7 @@ def prepare(model, tokenizer, text: str, exit_model: ExitModel, max_tokens: int 
         raise ValueError(f"the held-out text is too short: it has fewer than {chunk} tokens")
     records = record(model, chunks, exit_model.check_layers)
     correct, top_prob = mapped_top(model, records, exit_model.maps)
-    logits = np.stack([records.features(j) @ exit_model.weight[j].numpy() + float(exit_model.bias[j])
+    logits = np.stack([records.features(j, exit_model.feature_set) @ exit_model.weight[j].numpy() + float(exit_model.bias[j])
                        for j in range(len(records.layers))], 1)
     return Heldout(records, chunks, correct, top_prob, logits)
 
@@ -102,47 +102,140 @@ def teacher_forced(model, held: Heldout, exit_model: ExitModel, rule: str, thres
     }
 
 
-def _generate(model, ids, max_new_tokens: int) -> tuple[torch.Tensor, float]:
-    start = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         min_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, ids.shape[1]:].cpu(), time.perf_counter() - start
+def _generate(model, ids, max_new_tokens: int, mask=None) -> tuple[torch.Tensor, float, float]:
+    """Greedy continuation of exactly ``max_new_tokens``; (new tokens, wall seconds, CPU seconds)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
+                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    return out[:, ids.shape[1]:].cpu(), time.perf_counter() - wall, time.process_time() - cpu
 
 
 @torch.no_grad()
 def generation_runs(model, prompts: list[torch.Tensor], exit_model: ExitModel, settings: list[tuple[str, float]],
                     max_new_tokens: int = 32, repeats: int = 3) -> dict:
-    """Greedy batch-1 generation: plain and each (rule, threshold), interleaved; medians of tokens/s."""
+    """Greedy batch-1 generation: plain and each (rule, threshold), interleaved per prompt and repeat.
+
+    Speed is the median over runs of tokens/s (wall clock); ``cpu_speedup`` is the same ratio on
+    process CPU time, which other programs sharing the CPU disturb less.
+    """
     device = next(model.parameters()).device
     prompts = [p.to(device) for p in prompts]
     _generate(model, prompts[0], 4)  # warm-up
-    plain_out: list[torch.Tensor] = []
-    speeds: dict = {"plain": []}
-    outs: dict = {s: [] for s in settings}
-    saved: dict = {s: [] for s in settings}
-    for s in settings:
-        speeds[s] = []
+    keys = ["plain"] + list(settings)
+    wall: dict = {k: [] for k in keys}
+    cpu: dict = {k: [] for k in keys}
+    outs: dict = {k: [] for k in keys}
+    saved: dict = {k: [] for k in keys}
     for r in range(repeats):
-        for i, ids in enumerate(prompts):
-            tokens, seconds = _generate(model, ids, max_new_tokens)
-            speeds["plain"].append(max_new_tokens / seconds)
-            if r == 0:
-                plain_out.append(tokens)
-            for rule, threshold in settings:
-                with early_exit(model, exit_model, threshold, rule=rule) as stats:
-                    tokens, seconds = _generate(model, ids, max_new_tokens)
-                speeds[(rule, threshold)].append(max_new_tokens / seconds)
+        for ids in prompts:
+            for key in keys:
+                if key == "plain":
+                    tokens, w, c = _generate(model, ids, max_new_tokens)
+                else:
+                    with early_exit(model, exit_model, key[1], rule=key[0]) as stats:
+                        tokens, w, c = _generate(model, ids, max_new_tokens)
+                    saved[key].append(stats.layers_saved_fraction)
+                wall[key].append(max_new_tokens / w)
+                cpu[key].append(max_new_tokens / c)
                 if r == 0:
-                    outs[(rule, threshold)].append(tokens)
-                    saved[(rule, threshold)].append(stats.layers_saved_fraction)
-    plain_speed = statistics.median(speeds["plain"])
+                    outs[key].append(tokens)
+    plain_speed, plain_cpu = statistics.median(wall["plain"]), statistics.median(cpu["plain"])
     result = {"plain_tokens_per_s": plain_speed}
     for s in settings:
-        same = [torch.equal(a, b) for a, b in zip(outs[s], plain_out)]
-        prefix = [int((a != b).nonzero()[0, 0]) if not torch.equal(a, b) else len(a) for a, b in zip(outs[s], plain_out)]
-        speed = statistics.median(speeds[s])
-        result[s] = {"greedy_exact": float(np.mean(same)), "greedy_prefix": float(np.mean(prefix)) / max_new_tokens,
-                     "tokens_per_s": speed, "speedup": speed / plain_speed, "saved": float(np.mean(saved[s]))}
+        same = [torch.equal(a, b) for a, b in zip(outs[s], outs["plain"])]
+        speed = statistics.median(wall[s])
+        result[s] = {"greedy_exact": float(np.mean(same)), "tokens_per_s": speed, "speedup": speed / plain_speed,
+                     "cpu_speedup": statistics.median(cpu[s]) / plain_cpu, "saved": float(np.mean(saved[s]))}
+    return result
+
+
+@torch.no_grad()
+def batch_run(model, prompts: list[torch.Tensor], exit_model: ExitModel, rule: str, threshold: float,
+              max_new_tokens: int = 32, repeats: int = 3) -> dict:
+    """One left-padded batch of all ``prompts``: compute really skipped vs what rows wanted, speed vs plain."""
+    device = next(model.parameters()).device
+    width = max(p.shape[1] for p in prompts)
+    pad = model.generation_config.pad_token_id or 0
+    ids = torch.stack([torch.cat([torch.full((width - p.shape[1],), pad), p[0].cpu()]) for p in prompts]).to(device)
+    mask = torch.stack([torch.cat([torch.zeros(width - p.shape[1]), torch.ones(p.shape[1])]) for p in prompts]).long().to(device)
+    plain, fast, cpu_plain, cpu_fast = [], [], [], []
+    for _ in range(repeats):
+        _, w, c = _generate(model, ids, max_new_tokens, mask)
+        plain.append(w)
+        cpu_plain.append(c)
+        with early_exit(model, exit_model, threshold, rule=rule) as stats:
+            _, w, c = _generate(model, ids, max_new_tokens, mask)
+        fast.append(w)
+        cpu_fast.append(c)
+    return {"batch": len(prompts), "saved": stats.layers_saved_fraction, "wanted": stats.wanted_saved_fraction,
+            "speedup": statistics.median(plain) / statistics.median(fast),
+            "cpu_speedup": statistics.median(cpu_plain) / statistics.median(cpu_fast)}
+
+
+@torch.no_grad()
+def propagation_study(model, held: Heldout, exit_model: ExitModel, threshold: float, max_chunks: int = 8) -> dict:
+    """Quality of the K/V schemes at one threshold, teacher forced.
+
+    ``exact``: the simulation, whose later tokens read the full model's K/V at every layer
+    (what recomputing the skipped layers would give, saving nothing); ``hidden``: K/V of
+    skipped layers computed from the exited state (CALM); ``mapped``: from the mapped state.
+    """
+    n_layers = Adapter(model).n_layers
+    n = sum(c.shape[1] for c in held.chunks[:max_chunks])
+    exits = classifier_exits(held.logits[:n], held.records.layers, n_layers, threshold)
+    saved, agree = outcome(exits, held.correct[:n], held.records.layers, n_layers)
+    out = {"exact": {"saved": saved, "agreement": agree}}
+    for scheme in ("hidden", "mapped"):
+        out[scheme] = _teacher_forced_scheme(model, held, exit_model, threshold, max_chunks, scheme)
+    return out
+
+
+def _teacher_forced_scheme(model, held, exit_model, threshold, max_chunks, propagate) -> dict:
+    device = next(model.parameters()).device
+    chunks = held.chunks[:max_chunks]
+    n = sum(c.shape[1] for c in chunks)
+    top, nll = [], []
+    with early_exit(model, exit_model, threshold, positions="all", propagate=propagate) as stats:
+        for ids in chunks:
+            logits = model(ids.to(device), use_cache=False).logits[0].float()
+            top.append(logits.argmax(-1).cpu())
+            nll.append(-logits.log_softmax(-1)[:-1].gather(1, ids[0, 1:].to(device)[:, None])[:, 0].cpu())
+    return {"saved": stats.layers_saved_fraction, "agreement": float((torch.cat(top) == held.records.top1[:n]).float().mean()),
+            "perplexity": math.exp(float(torch.cat(nll).mean()))}
+
+
+@torch.no_grad()
+def step_costs(model, tokenizer, exit_model: ExitModel, exit_after: list[int], steps: int = 24, repeats: int = 5) -> dict:
+    """CPU time of one decode step: plain, and with every token forced to exit after each layer in
+    ``exit_after`` (skipped layers' K/V still filled). The slope against the number of layers skipped
+    is what one skipped layer really saves; compare it with a layer's share of the plain step."""
+    from .maps import LayerMaps
+
+    device = next(model.parameters()).device
+    d = exit_model.d_model
+    ids = tokenizer("The function returns the number of items in the sequence", return_tensors="pt").input_ids.to(device)
+
+    def per_step() -> float:
+        times = []
+        for _ in range(repeats):
+            cpu = time.process_time()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                           do_sample=False)
+            times.append((time.process_time() - cpu) / steps)
+        return statistics.median(times)
+
+    per_step()
+    result = {"plain": per_step()}
+    for layer in exit_after:
+        forced = ExitModel(exit_model.model_name, exit_model.fingerprint, exit_model.n_layers, d,
+                           LayerMaps([layer], exit_model.maps.weight[exit_model.maps._position[layer]][None].clone(),
+                                     exit_model.maps.bias[exit_model.maps._position[layer]][None].clone())
+                           if layer in exit_model.maps else LayerMaps.identity([layer], d),
+                           [layer], torch.zeros(1, d), torch.full((1,), 50.0))
+        with early_exit(model, forced, 0.5):
+            result[layer] = per_step()
     return result
 
 

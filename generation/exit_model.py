@@ -50,7 +50,20 @@ class ExitModel:
     weight: torch.Tensor  # (n_check, n_features) classifier weights (standardisation folded in)
     bias: torch.Tensor  # (n_check,)
     default_threshold: float = 0.9
+    feature_set: str = "direction"  # see generation.features
     info: dict = field(default_factory=dict)  # fit statistics and the calibration curve
+
+    def __post_init__(self) -> None:
+        from .features import SCALARS, check_feature_set
+
+        width = self.d_model + (len(SCALARS) if check_feature_set(self.feature_set) == "ffn" else 0)
+        if tuple(self.weight.shape) != (len(self.check_layers), width) or self.bias.shape[0] != len(self.check_layers):
+            raise ValueError(f"exit classifier has shape {tuple(self.weight.shape)}, expected "
+                             f"({len(self.check_layers)}, {width}) for {len(self.check_layers)} check layers and "
+                             f"feature set {self.feature_set!r}")
+        missing = [layer for layer in self.check_layers if layer not in self.maps]
+        if missing:
+            raise ValueError(f"no layer map for check layers {missing}")
 
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise a clear error if ``model`` is not the model this exit model was fitted for."""
@@ -66,7 +79,7 @@ class ExitModel:
         threshold = check_threshold(threshold)
         name = name or "classifier"
         if name == "classifier":
-            return ClassifierRule(self.check_layers, self.weight, self.bias, self.n_layers, threshold)
+            return ClassifierRule(self.check_layers, self.weight, self.bias, self.n_layers, threshold, self.feature_set)
         if name == "confidence":
             if readout is None:
                 raise ValueError("the confidence rule needs the model's readout")
@@ -79,7 +92,7 @@ class ExitModel:
         meta = {
             "format": FORMAT, "model_name": self.model_name, "fingerprint": self.fingerprint,
             "n_layers": self.n_layers, "d_model": self.d_model, "check_layers": self.check_layers,
-            "default_threshold": self.default_threshold, "info": self.info,
+            "default_threshold": self.default_threshold, "feature_set": self.feature_set, "info": self.info,
         }
         tensors = dict(self.maps.state_dict(), **{"classifier.weight": self.weight.contiguous(),
                                                   "classifier.bias": self.bias.contiguous()})
@@ -103,5 +116,6 @@ def load_exit_model(path: str | Path) -> ExitModel:
         model_name=meta["model_name"], fingerprint=meta["fingerprint"], n_layers=meta["n_layers"],
         d_model=meta["d_model"], maps=LayerMaps.from_state_dict(tensors), check_layers=list(meta["check_layers"]),
         weight=tensors["classifier.weight"], bias=tensors["classifier.bias"],
-        default_threshold=float(meta["default_threshold"]), info=meta.get("info", {}),
+        default_threshold=float(meta["default_threshold"]), feature_set=meta.get("feature_set", "ffn"),
+        info=meta.get("info", {}),
     )

@@ -2,18 +2,22 @@
 
 Projecting one state through the 49,152-token unembedding costs about six layers of a decode
 step on CPU, so a rule that reads the vocabulary at every layer spends more than it saves.
-These features cost a few hundred multiply-adds beyond what the layer computed anyway:
+Two feature sets, both far cheaper than a layer:
 
-* FFN statistics (Geva et al. 2022): the coefficient vector's norm, its largest entry and the
-  share of its mass in the top 8 value vectors (a saturated layer writes few, strong vectors);
-* the layer's update against the residual stream (``|h_out - h_in| / |h_out|``), the FFN's
-  update alone against it, and the cosine of consecutive states (a settled stream moves less);
-* the direction ``h_out / |h_out|`` itself, read by a linear probe (one dot product).
+* ``"direction"`` (default): the unit direction ``h_out / |h_out|`` of the residual stream,
+  read by a linear probe: one dot product and one norm per check.
+* ``"ffn"``: the direction plus six statistics: FFN coefficient statistics (Geva et al. 2022:
+  the coefficient vector's norm, its largest entry, the share of its mass in the top 8 value
+  vectors), the layer's update against the residual stream (``|h_out - h_in| / |h_out|``), the
+  FFN's update alone against it, and the cosine of consecutive states. On the embedded model
+  they add nothing measurable to the direction probe (simulated saving at 95% agreement 11.3%
+  vs 11.2%) but cost ~100 us per check on CPU, hence the default.
 """
 from __future__ import annotations
 
 import torch
 
+FEATURE_SETS = ("direction", "ffn")
 SCALARS = ("log_update_ratio", "cos_consecutive", "log_ffn_ratio", "log_coef_norm", "log_coef_max", "coef_top8_share")
 TOP = 8
 _EPS = 1e-6
@@ -37,7 +41,16 @@ def scalar_features(h_in: torch.Tensor, h_out: torch.Tensor, coef: torch.Tensor,
     ], dim=-1)
 
 
+def direction(h_out: torch.Tensor) -> torch.Tensor:
+    return h_out.float() / h_out.float().norm(dim=-1, keepdim=True).clamp_min(_EPS)
+
+
 def features(h_in: torch.Tensor, h_out: torch.Tensor, coef: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """``(..., 6 + d_model)``: the scalars, then the unit direction of ``h_out``."""
-    direction = h_out.float() / h_out.float().norm(dim=-1, keepdim=True).clamp_min(_EPS)
-    return torch.cat([scalar_features(h_in, h_out, coef, update), direction], dim=-1)
+    """``(..., 6 + d_model)``: the scalars, then the unit direction of ``h_out`` (the ``"ffn"`` set)."""
+    return torch.cat([scalar_features(h_in, h_out, coef, update), direction(h_out)], dim=-1)
+
+
+def check_feature_set(name: str) -> str:
+    if name not in FEATURE_SETS:
+        raise ValueError(f"unknown feature set {name!r}: choose from {', '.join(FEATURE_SETS)}")
+    return name

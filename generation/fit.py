@@ -26,7 +26,7 @@ from steer import Adapter, model_name
 from .collect import trace_chunks
 from .corpus import token_chunks
 from .exit_model import ExitModel, fingerprint
-from .features import SCALARS, scalar_features
+from .features import SCALARS, check_feature_set, direction, scalar_features
 from .maps import LayerMaps, MapFitter
 from .simulate import classifier_exits, oracle_exits, outcome
 
@@ -44,22 +44,23 @@ class Records:
     fold: torch.Tensor  # (N,) chunk index % 2
     logprob_next: torch.Tensor  # (N,) full model's log-probability of the next token (nan at chunk ends)
 
-    def features(self, j: int) -> np.ndarray:
-        """Features of check layer ``j`` as the runtime computes them (scalars, unit direction)."""
-        hidden = self.hidden[j].float()
-        direction = hidden / hidden.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-        return torch.cat([self.scalars[j], direction], -1).numpy()
+    def features(self, j: int, feature_set: str = "direction") -> np.ndarray:
+        """Features of check layer ``j`` as the runtime computes them ([scalars,] unit direction)."""
+        unit = direction(self.hidden[j].float())
+        return (torch.cat([self.scalars[j], unit], -1) if feature_set == "ffn" else unit).cpu().numpy()
 
 
 def default_layers(n_layers: int) -> list[int]:
-    """Candidate check layers: from a quarter of the depth up to the second-to-last layer.
+    """Check layers: every third layer down from the second-to-last, to a quarter of the depth.
 
     Early checks rarely fire, but when they do they save most of the model: on the embedded
     model, dropping layers 8-13 from the checks cuts the compute saved at 95% agreement from
-    11% to 8% (simulated)."""
+    11% to 8% (simulated). Checking every third layer instead of every layer loses nothing
+    measurable there (11.2% vs 11.2%) and makes fitting three times cheaper."""
     if n_layers < 2:
         raise ValueError(f"early exit needs at least 2 layers; this model has {n_layers}")
-    return list(range(min(n_layers // 4, n_layers - 2), n_layers - 1))
+    lowest = min(n_layers // 4, n_layers - 2)
+    return list(range(n_layers - 2, lowest - 1, -3))[::-1]
 
 
 @torch.no_grad()
@@ -77,10 +78,10 @@ def record(model, chunks: list[torch.Tensor], layers: list[int], fitters: list[M
         if fitters is not None:
             for layer in layers:
                 fitters[i % 2].add(layer, trace.hidden[layer], last)
-        hidden.append(torch.stack([trace.hidden[layer] for layer in layers]).half())
-        previous = [trace.hidden[layer - 1] for layer in layers]
+        hidden.append(torch.stack([trace.hidden[layer] for layer in layers]).half().cpu())
+        previous = [trace.hidden[layer - 1] if layer else trace.embedded for layer in layers]
         scalars.append(torch.stack([scalar_features(prev, trace.hidden[layer], trace.coef[layer], trace.update[layer])
-                                    for prev, layer in zip(previous, layers)]))
+                                    for prev, layer in zip(previous, layers)]).cpu())
         top1.append(trace.logits.argmax(-1))
         fold.append(torch.full((ids.shape[1],), i % 2))
         lp = trace.logits.log_softmax(-1)[:-1].gather(1, ids[0, 1:].to(trace.logits.device)[:, None])[:, 0]
@@ -129,14 +130,15 @@ def _fit_layer(x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, floa
     return w, float(clf.intercept_[0] - (mu * w).sum())
 
 
-def fit_classifier(records: Records, correct: np.ndarray, c: float = 0.003, folds: bool = True):
+def fit_classifier(records: Records, correct: np.ndarray, c: float = 0.003, folds: bool = True,
+                   feature_set: str = "direction"):
     """Per-layer weights/bias on all tokens, and out-of-fold log-odds ``(N, n_check)``."""
     n_check = len(records.layers)
     weights, biases = [], []
     oof = np.zeros(correct.shape, dtype=np.float32)
     fold = records.fold.numpy()
     for j in range(n_check):
-        x = records.features(j)
+        x = records.features(j, feature_set)
         w, b = _fit_layer(x, correct[:, j], c)
         weights.append(w)
         biases.append(b)
@@ -150,8 +152,9 @@ def fit_classifier(records: Records, correct: np.ndarray, c: float = 0.003, fold
 
 def fit_exit_model(model, tokenizer, text: str, *, layers: list[int] | None = None, chunk: int = 128,
                    max_tokens: int | None = 16384, min_tokens: int = 1024, ridge: float = 1e-3, c: float = 0.003,
-                   target_agreement: float = 0.95, progress: bool = False) -> ExitModel:
+                   target_agreement: float = 0.95, feature_set: str = "direction", progress: bool = False) -> ExitModel:
     """Fit maps and the exit classifier for ``model`` on ``text`` (fit on other text than you evaluate on)."""
+    check_feature_set(feature_set)
     adapter = Adapter(model)
     n_layers = adapter.n_layers
     layers = sorted(layers) if layers is not None else default_layers(n_layers)
@@ -169,14 +172,14 @@ def fit_exit_model(model, tokenizer, text: str, *, layers: list[int] | None = No
     records = record(model, chunks, layers, fitters, progress=progress)
     fold_maps = [f.solve() for f in fitters]
     correct, _ = mapped_top(model, records, fold_maps)
-    weight, bias, oof = fit_classifier(records, correct, c)
+    weight, bias, oof = fit_classifier(records, correct, c, feature_set=feature_set)
     calibration = [(t, *outcome(classifier_exits(oof, layers, n_layers, t), correct, layers, n_layers))
                    for t in THRESHOLDS]
     reaching = [t for t, _, agree in calibration if agree >= target_agreement]
     default = min(reaching) if reaching else 1.0
     combined = MapFitter(d_model, ridge).merge(fitters[0]).merge(fitters[1])
     info = {
-        "tokens": tokens, "chunk": chunk, "ridge": ridge, "C": c, "features": list(SCALARS) + ["direction"],
+        "tokens": tokens, "chunk": chunk, "ridge": ridge, "C": c, "features": (list(SCALARS) if feature_set == "ffn" else []) + ["direction"],
         "text_sha1": hashlib.sha1(text.encode()).hexdigest()[:12],
         "map_agreement": {str(layer): round(float(correct[:, j].mean()), 4) for j, layer in enumerate(layers)},
         "oracle_saved": round(outcome(oracle_exits(correct, layers, n_layers), correct, layers, n_layers)[0], 4),
@@ -184,4 +187,4 @@ def fit_exit_model(model, tokenizer, text: str, *, layers: list[int] | None = No
         "calibration": [[t, round(s, 4), round(a, 4)] for t, s, a in calibration],
     }
     return ExitModel(model_name(model), fingerprint(model), n_layers, d_model, combined.solve(), layers,
-                     weight, bias, default, info)
+                     weight, bias, default, feature_set, info)

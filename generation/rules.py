@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .features import features
+from .features import SCALARS, check_feature_set, scalar_features
 from .maps import LayerMaps
 
 
@@ -63,28 +63,37 @@ def layer_bounds(layers: list[int], n_layers: int, threshold: float) -> list[flo
 
 
 class ClassifierRule(ExitRule):
-    """Cost-aware exit on a per-layer logistic regression over cheap features."""
+    """Cost-aware exit on a per-layer logistic regression over cheap features.
 
-    needs_ffn = True
+    ``weight`` has ``d_model`` columns (the ``"direction"`` feature set: the log-odds are
+    ``h @ w / |h| + b``, one dot product) or ``6 + d_model`` (``"ffn"``: the FFN statistics too).
+    """
 
-    def __init__(self, layers: list[int], weight: torch.Tensor, bias: torch.Tensor, n_layers: int, threshold: float):
+    def __init__(self, layers: list[int], weight: torch.Tensor, bias: torch.Tensor, n_layers: int, threshold: float,
+                 feature_set: str = "direction"):
         self.layers = tuple(layers)
         self.threshold = check_threshold(threshold)
         self._index = {layer: i for i, layer in enumerate(layers)}
         self.weight, self.bias = weight.float(), bias.float()
+        self.n_scalars = len(SCALARS) if check_feature_set(feature_set) == "ffn" else 0
+        self.needs_ffn = self.n_scalars > 0
         self.bounds = layer_bounds(list(layers), n_layers, self.threshold)
         self._on: dict = {}
 
     def logits(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor, ffn) -> torch.Tensor:
         """The classifier's log-odds that exiting after ``layer`` keeps the full model's top-1."""
-        if ffn is None:
-            raise RuntimeError(f"the FFN of layer {layer} was not captured; is its ffn_out module bypassed?")
-        key = h_out.device
+        key = (h_out.device, h_out.dtype)
         if key not in self._on:
-            self._on[key] = (self.weight.to(key), self.bias.to(key))
+            self._on[key] = (self.weight.to(h_out.device, h_out.dtype), self.bias.tolist())
         weight, bias = self._on[key]
         i = self._index[layer]
-        return features(h_in, h_out, *ffn) @ weight[i] + bias[i]
+        w = weight[i]
+        z = (h_out @ w[self.n_scalars:]) / torch.linalg.vector_norm(h_out, dim=-1).clamp_min(1e-6) + bias[i]
+        if self.n_scalars:
+            if ffn is None:
+                raise RuntimeError(f"the FFN of layer {layer} was not captured; is its ffn_out module bypassed?")
+            z = z + scalar_features(h_in, h_out, *ffn).to(h_out.dtype) @ w[:self.n_scalars]
+        return z
 
     def decide(self, layer, h_in, h_out, ffn):
         bound = self.bounds[self._index[layer]]

@@ -4,8 +4,8 @@
 coefficient is positive (top) and, since SwiGLU/GeLU coefficients can be negative, which it
 promotes when negative (bottom). The index is computed in chunks of vectors, each chunk's
 logits reduced to top-k/bottom-k right away, so memory stays at ``chunk x vocab`` floats.
-Selection is exact but cheap: the vocabulary is cut into groups of 128, the k groups with the
-largest maxima must hold the k largest entries, and only those ``k*128`` candidates are sorted.
+Selection is exact but cheap: the vocabulary is cut into groups of 64, the k groups with the
+largest maxima must hold the k largest entries, and only those ``k*64`` candidates are sorted.
 Results are cached on disk under a hash of the weights involved, so a second call is instant.
 """
 from __future__ import annotations
@@ -20,11 +20,12 @@ from .families import Adapter
 from .models import cache_dir
 from .names import VectorName
 
-GROUP = 128
+GROUP = 64
+CHUNK_FLOATS = 2**27  # logits held at once (512 MB in float32): bounds memory, keeps matmuls large
 
 
 def _select(logits: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact ``topk`` along dim 1 through group maxima (about 3x cheaper than ``topk`` on CPU)."""
+    """Exact ``topk`` along dim 1 through group maxima (much cheaper than ``topk`` on CPU)."""
     n, vocab = logits.shape
     if vocab % GROUP or vocab // GROUP < k:
         return logits.topk(k, dim=1, largest=largest)
@@ -81,7 +82,7 @@ class VocabIndex:
         device = adapter.unembed.weight.device
         on_cpu = device.type == "cpu"
         dtype = dtype or (torch.float32 if on_cpu else torch.bfloat16)
-        chunk = chunk or (256 if on_cpu else adapter.d_ff)  # CPU: stay in cache; GPU: fewer launches
+        chunk = chunk or max(64, min(adapter.d_ff, CHUNK_FLOATS // adapter.vocab_size))
         shape = (adapter.n_layers, adapter.d_ff, k)
         out = {name: torch.empty(shape, device=device, dtype=torch.int32 if name.endswith("ids") else torch.float16)
                for name in ("top_ids", "top_scores", "bottom_ids", "bottom_scores")}

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 from generation import ExitModel, early_exit, fit_exit_model, load_exit_model
 from generation.exit_model import fingerprint
+from generation.fit import default_layers
 from generation.maps import LayerMaps, MapFitter
 from steer import Adapter, Spec, model_name, steering
 
@@ -21,14 +22,15 @@ def deep(model_type: str, layers: int = 4, seed: int = 0):
     return tiny_model(model_type, seed=seed, **{key: layers})
 
 
-def exit_model_for(model, check=(1, 2), seed: int = 0, bias: float = 0.0, scale: float = 0.0, maps=None) -> ExitModel:
+def exit_model_for(model, check=(1, 2), seed: int = 0, bias: float = 0.0, scale: float = 0.0, maps=None,
+                   feature_set: str = "direction") -> ExitModel:
     """An exit model without fitting: identity (or given) maps, a random linear classifier."""
     adapter = Adapter(model)
     d = adapter.unembed.weight.shape[1]
     g = torch.Generator().manual_seed(seed)
-    weight = torch.randn(len(check), 6 + d, generator=g) * scale
-    return ExitModel(model_name(model), fingerprint(model), adapter.n_layers, d,
-                     maps or LayerMaps.identity(list(check), d), list(check), weight, torch.full((len(check),), bias))
+    weight = torch.randn(len(check), d + (6 if feature_set == "ffn" else 0), generator=g) * scale
+    return ExitModel(model_name(model), fingerprint(model), adapter.n_layers, d, maps or LayerMaps.identity(list(check), d),
+                     list(check), weight, torch.full((len(check),), bias), feature_set=feature_set)
 
 
 def greedy(model, ids=PROMPT, n=8, **kw):
@@ -117,10 +119,10 @@ def reference_kv(model, layer: int, hidden: torch.Tensor, position: int):
     return cache.layers[layer].keys, cache.layers[layer].values
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_batched_rows_exit_at_different_layers_and_match_single_rows(model_type):
+@pytest.mark.parametrize("model_type,feature_set", [("llama", "direction"), ("gpt2", "direction"), ("llama", "ffn")])
+def test_batched_rows_exit_at_different_layers_and_match_single_rows(model_type, feature_set):
     model = deep(model_type, layers=5)
-    exit_model = exit_model_for(model, check=(1, 2, 3), seed=3, scale=4.0)
+    exit_model = exit_model_for(model, check=(1, 2, 3), seed=3, scale=4.0, feature_set=feature_set)
     prompts = [[5, 17, 33, 8, 61, 12], [9, 40, 2 + 70], [44, 13, 27, 81, 6]]
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
@@ -217,6 +219,8 @@ def test_bad_input_gets_clear_errors(tmp_path):
             pass
     with pytest.raises(ValueError, match="too short"):
         fit_exit_model(model, CharTokenizer(), "only a few words", min_tokens=256)
+    with pytest.raises(ValueError, match="exit classifier has shape"):
+        ExitModel("m", "f", 4, 32, LayerMaps.identity([1], 32), [1], torch.zeros(1, 32), torch.zeros(1), feature_set="ffn")
     with pytest.raises(FileNotFoundError, match="not an exit model folder"):
         load_exit_model(tmp_path)
 
@@ -233,8 +237,9 @@ class CharTokenizer:
 def test_fit_save_load_and_exit_on_tiny_model(tmp_path):
     model = deep("llama", layers=4)
     text = " ".join(f"word{i % 37} is followed by word{(i * 7) % 37}." for i in range(200))
-    exit_model = fit_exit_model(model, CharTokenizer(), text, chunk=64, max_tokens=2048, min_tokens=512)
-    assert exit_model.check_layers == [1, 2]
+    assert default_layers(30) == [7, 10, 13, 16, 19, 22, 25, 28] and default_layers(4) == [2]
+    exit_model = fit_exit_model(model, CharTokenizer(), text, layers=[1, 2], chunk=64, max_tokens=2048, min_tokens=512)
+    assert exit_model.check_layers == [1, 2] and exit_model.weight.shape == (2, 32)
     assert 0.0 <= exit_model.default_threshold <= 1.0
     calib = exit_model.info["calibration"]
     assert calib[-1][1] == 0.0 and calib[-1][2] == 1.0  # threshold 1: nothing saved, full agreement
@@ -282,3 +287,29 @@ def test_embedded_exit_off_is_identical_and_batches_match(embedded):
         with early_exit(model, exit_model, 0.6):
             alone = greedy(model, ids.input_ids, n=6, attention_mask=ids.attention_mask)
         assert torch.equal(batched[row, -6:], alone[0, -6:])
+
+
+@pytest.mark.parametrize("feature_set", ["direction", "ffn"])
+def test_fit_time_features_equal_run_time_features(feature_set, monkeypatch):
+    """The classifier must see at run time exactly the features it was fitted on (layer 0 included)."""
+    from generation.fit import record
+    from generation.rules import ClassifierRule
+
+    model = deep("llama", layers=3)
+    exit_model = exit_model_for(model, check=(0, 1), seed=2, scale=1.0, bias=-50.0, feature_set=feature_set)
+    ids = torch.tensor([[5, 17, 33, 8, 61, 12, 40, 70]])
+    records = record(model, [ids], [0, 1])
+    offline = torch.stack([torch.tensor(records.features(j, feature_set)) @ exit_model.weight[j] + exit_model.bias[j]
+                           for j in range(2)], 1)
+    seen = {}
+    original = ClassifierRule.logits
+
+    def spy(self, layer, h_in, h_out, ffn):
+        seen[layer] = original(self, layer, h_in, h_out, ffn)
+        return seen[layer]
+
+    monkeypatch.setattr(ClassifierRule, "logits", spy)
+    with torch.no_grad(), early_exit(model, exit_model, 0.5, positions="all") as stats:
+        model(ids)
+    assert stats.layers_saved_fraction == 0.0  # bias -50: no exit, both layers see every position
+    torch.testing.assert_close(torch.stack([seen[0][0], seen[1][0]], 1), offline, rtol=1e-4, atol=1e-3)

@@ -17,7 +17,7 @@ def private_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("largest", [True, False])
 def test_grouped_selection_is_exact(largest):
     torch.manual_seed(0)
-    logits = torch.randn(37, 128 * 40)
+    logits = torch.randn(37, 64 * 40)
     logits[3, 500:700] = 9.0 if largest else -9.0  # ties and a cluster inside one group
     values, ids = _select(logits, 30, largest)
     ref_values, _ = logits.topk(30, dim=1, largest=largest)
@@ -27,7 +27,7 @@ def test_grouped_selection_is_exact(largest):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "phi"])
 def test_index_matches_brute_force(family):
-    model = tiny_model(family, vocab_size=128 * 3)
+    model = tiny_model(family, vocab_size=64 * 6)
     adapter = Adapter(model)
     index = VocabIndex.build(model, k=10, chunk=24)
     for layer in range(adapter.n_layers):
