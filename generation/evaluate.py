@@ -347,11 +347,11 @@ def evaluate(model, tokenizer, text: str, exit_model: ExitModel, *, thresholds: 
     log(f"teacher-forced pass over up to {max_tokens} held-out tokens ...")
     held = prepare(model, tokenizer, text, exit_model, max_tokens)
     sim = simulated_curves(held, n_layers)
-    if thresholds is None:
-        thresholds = {}
-        for rule, points in sim["curves"].items():
-            t = threshold_for(points)
-            thresholds[rule] = sorted({round(max(0.0, t - 0.05), 3), t, round(min(1.0, t + 0.05), 3)})
+    if thresholds is None:  # the fit's choice, and the held-out curve's 95% point with one either side
+        t95 = threshold_for(sim["curves"]["classifier"])
+        thresholds = {"classifier": sorted({exit_model.default_threshold, t95, round(max(0.0, t95 - 0.1), 3),
+                                            round(min(1.0, t95 + 0.1), 3)}),
+                      "confidence": [threshold_for(sim["curves"]["confidence"])]}
     rows = []
     lookup = {rule: {t: (s, a) for t, s, a in points} for rule, points in sim["curves"].items()}
     for rule, ts in thresholds.items():

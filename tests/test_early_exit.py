@@ -313,3 +313,33 @@ def test_fit_time_features_equal_run_time_features(feature_set, monkeypatch):
         model(ids)
     assert stats.layers_saved_fraction == 0.0  # bias -50: no exit, both layers see every position
     torch.testing.assert_close(torch.stack([seen[0][0], seen[1][0]], 1), offline, rtol=1e-4, atol=1e-3)
+
+
+def test_cli_rejects_bad_thresholds_before_loading_anything(tmp_path, capsys):
+    from steer.cli import main
+
+    exit_model_for(deep("llama")).save(tmp_path / "em")
+    assert main(["early-exit", "eval", "--exit-model", str(tmp_path / "em"), "--thresholds", "classifier=1.5"]) == 2
+    assert "threshold must be a number in [0, 1]" in capsys.readouterr().err
+    assert main(["early-exit", "eval", "--exit-model", str(tmp_path / "em"), "--thresholds", "magic=0.5"]) == 2
+    assert "RULE=T1,T2" in capsys.readouterr().err
+
+
+@pytest.mark.embedded
+def test_cli_generate_with_early_exit_and_steering(embedded, tmp_path, capsys):
+    from steer.cli import main
+
+    model, tokenizer = embedded
+    exit_model_for(model, check=(20, 24), bias=50.0, maps=LayerMaps.identity([20, 24], 576)).save(tmp_path / "em")
+    Spec.build("none", [(3, 7, "scale", 1.0)], model=model).save(tmp_path / "spec.json")
+    base = ["generate", "The function returns", "--max-new-tokens", "6"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out.splitlines()[0]
+    assert main(base + ["--early-exit", str(tmp_path / "em"), "--threshold", "1", "--intervention",
+                        str(tmp_path / "spec.json")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == plain and "saved 0.0%" in out[-1]
+    assert main(base + ["--early-exit", str(tmp_path / "em"), "--threshold", "0.5"]) == 0
+    assert "saved 30.0%" in capsys.readouterr().out  # exits after layer 20 of 30: 9 layers skipped
+    assert main(base + ["--early-exit", str(tmp_path / "em"), "--threshold", "1.5"]) == 2
+    assert "threshold must be a number in [0, 1]" in capsys.readouterr().err
