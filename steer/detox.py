@@ -331,6 +331,8 @@ def attribute(model, samples: list[Sample], batch_size: int = 16, quantile: floa
                     a.grad = None
             if not own.any():  # forced continuations only: no KL statistics
                 done += len(chunk)
+                if progress:
+                    progress(done, len(samples))
                 continue
             (logp * cont).sum().backward()
             rows = own.to(device)
