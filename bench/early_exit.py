@@ -37,13 +37,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--exit-model", default=None, help="exit model folder (default: fit once, cached)")
-    parser.add_argument("--fit-tokens", type=int, default=16384)
+    parser.add_argument("--fit-tokens", type=int, default=8192)
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--real-chunks", type=int, default=8, help="128-token chunks for the real teacher-forced run")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--study", action="store_true", help="also compare the K/V schemes and time forced exits "
+                                                             "(docs/early_exit.md; a few more minutes)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,6 +95,19 @@ def main() -> None:
     batch = batch_run(model, prompts, exit_model, "classifier", threshold, args.new_tokens, max(1, args.repeats - 1))
     print(f"batch of {batch['batch']}: rows wanted {batch['wanted']:.1%} saved, really skipped {batch['saved']:.1%} "
           f"(rows frozen until the last exits), x{batch['speedup']:.3f} wall vs plain batched generate")
+    if args.study:
+        from generation.evaluate import propagation_study, step_costs
+
+        study = propagation_study(model, held, exit_model, threshold, args.real_chunks)
+        for scheme, r in study.items():
+            extra = f", perplexity {r['perplexity']:.2f}" if "perplexity" in r else ""
+            print(f"K/V scheme {scheme:<9}: saved {r['saved']:.1%}, agreement {r['agreement']:.1%}{extra}")
+        layers = [exit_model.check_layers[0], exit_model.check_layers[len(exit_model.check_layers) // 2],
+                  exit_model.check_layers[-1]]
+        for scheme in ("defer", "hidden"):
+            costs = step_costs(model, tokenizer, exit_model, layers, propagate=scheme)
+            print(f"CPU ms per decode step, forced exit ({scheme}): plain {costs['plain'] * 1e3:.1f}; " + ", ".join(
+                f"after layer {layer} ({n_layers - 1 - layer} skipped) {costs[layer] * 1e3:.1f}" for layer in layers))
     print(f"total {time.perf_counter() - start:.0f} s on {args.device}")
     print(f"RESULT saved={real['saved']:.4f} agreement={real['agreement']:.4f} speedup={ours['speedup']:.4f} "
           f"oracle_saved={sim['oracle_saved']:.4f} baseline_saved={sim['saved_at_95']['confidence']:.4f}")

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -79,7 +80,10 @@ def threshold_for(points: list[tuple[float, float, float]], agreement: float = 0
 @torch.no_grad()
 def teacher_forced(model, held: Heldout, exit_model: ExitModel, rule: str, threshold: float,
                    max_chunks: int | None = None) -> dict:
-    """Real early exit over held-out chunks (positions='all'): agreement, saved, perplexity change."""
+    """Real early exit over held-out chunks (positions="all"): agreement, saved, perplexity change.
+
+    ``saved`` is what the positions' exits skip (``wanted_saved_fraction``): token-by-token decoding
+    skips exactly that; one parallel pass computes a layer while any position still needs it."""
     device = next(model.parameters()).device
     chunks = held.chunks[:max_chunks] if max_chunks else held.chunks
     n = sum(c.shape[1] for c in chunks)
@@ -95,7 +99,7 @@ def teacher_forced(model, held: Heldout, exit_model: ExitModel, rule: str, thres
     exit_nll = torch.cat(nll)
     return {
         "agreement": float((torch.cat(agree) == top1).float().mean()),
-        "saved": stats.layers_saved_fraction,
+        "saved": stats.wanted_saved_fraction,
         "perplexity": math.exp(float(exit_nll.mean())),
         "perplexity_full": math.exp(float(full_nll.mean())),
         "tokens": n,
@@ -178,51 +182,56 @@ def batch_run(model, prompts: list[torch.Tensor], exit_model: ExitModel, rule: s
 def propagation_study(model, held: Heldout, exit_model: ExitModel, threshold: float, max_chunks: int = 8) -> dict:
     """Quality of the K/V schemes at one threshold, teacher forced.
 
-    ``exact``: the simulation, whose later tokens read the full model's K/V at every layer
-    (what recomputing the skipped layers would give, saving nothing); ``hidden``: K/V of
-    skipped layers computed from the exited state (CALM); ``mapped``: from the mapped state.
+    ``exact``: the simulation, whose later tokens read the full model's K/V at every layer;
+    ``recompute``: the runtime computing every layer (the same, as a check of the runtime, and
+    what ``"defer"`` gives); ``hidden``: K/V of skipped layers computed from the exited state
+    (CALM); ``mapped``: from the mapped state. Position 0 (the attention sink) never exits, as
+    it is part of the prompt in generation.
     """
     n_layers = Adapter(model).n_layers
     n = sum(c.shape[1] for c in held.chunks[:max_chunks])
     exits = classifier_exits(held.logits[:n], held.records.layers, n_layers, threshold)
     saved, agree = outcome(exits, held.correct[:n], held.records.layers, n_layers)
     out = {"exact": {"saved": saved, "agreement": agree}}
-    for scheme in ("hidden", "mapped"):
+    for scheme in ("recompute", "hidden", "mapped"):
         out[scheme] = _teacher_forced_scheme(model, held, exit_model, threshold, max_chunks, scheme)
     return out
 
 
-def _teacher_forced_scheme(model, held, exit_model, threshold, max_chunks, propagate) -> dict:
+def _teacher_forced_scheme(model, held, exit_model, threshold, max_chunks, propagate, prompt_positions=1) -> dict:
     device = next(model.parameters()).device
     chunks = held.chunks[:max_chunks]
     n = sum(c.shape[1] for c in chunks)
     top, nll = [], []
-    with early_exit(model, exit_model, threshold, positions="all", propagate=propagate) as stats:
+    with early_exit(model, exit_model, threshold, positions="all", propagate=propagate,
+                    prompt_positions=prompt_positions) as stats:
         for ids in chunks:
             logits = model(ids.to(device), use_cache=False).logits[0].float()
             top.append(logits.argmax(-1).cpu())
             nll.append(-logits.log_softmax(-1)[:-1].gather(1, ids[0, 1:].to(device)[:, None])[:, 0].cpu())
-    return {"saved": stats.layers_saved_fraction, "agreement": float((torch.cat(top) == held.records.top1[:n]).float().mean()),
+    return {"saved": stats.wanted_saved_fraction, "agreement": float((torch.cat(top) == held.records.top1[:n]).float().mean()),
             "perplexity": math.exp(float(torch.cat(nll).mean()))}
 
 
 @torch.no_grad()
-def step_costs(model, tokenizer, exit_model: ExitModel, exit_after: list[int], steps: int = 24, repeats: int = 5) -> dict:
+def step_costs(model, tokenizer, exit_model: ExitModel, exit_after: list[int], steps: int = 24, repeats: int = 5,
+               propagate: str = "defer") -> dict:
     """CPU time of one decode step: plain, and with every token forced to exit after each layer in
-    ``exit_after`` (skipped layers' K/V still filled). The slope against the number of layers skipped
-    is what one skipped layer really saves; compare it with a layer's share of the plain step."""
+    ``exit_after``, K/V filled by ``propagate`` (for ``"defer"``, completing the cache at the end is
+    included). The slope against the number of layers skipped is what one skipped layer really saves."""
     from .maps import LayerMaps
 
     device = next(model.parameters()).device
     d = exit_model.d_model
     ids = tokenizer("The function returns the number of items in the sequence", return_tensors="pt").input_ids.to(device)
 
-    def per_step() -> float:
+    def per_step(context=None) -> float:
         times = []
         for _ in range(repeats):
             cpu = time.process_time()
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
-                           do_sample=False)
+            with context() if context else contextlib.nullcontext():  # exit included: "defer" completes the cache there
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
+                               do_sample=False)
             times.append((time.process_time() - cpu) / steps)
         return statistics.median(times)
 
@@ -234,8 +243,7 @@ def step_costs(model, tokenizer, exit_model: ExitModel, exit_after: list[int], s
                                      exit_model.maps.bias[exit_model.maps._position[layer]][None].clone())
                            if layer in exit_model.maps else LayerMaps.identity([layer], d),
                            [layer], torch.zeros(1, d), torch.full((1,), 50.0))
-        with early_exit(model, forced, 0.5):
-            result[layer] = per_step()
+        result[layer] = per_step(lambda: early_exit(model, forced, 0.5, propagate=propagate))
     return result
 
 

@@ -424,6 +424,7 @@ class Check:
     toxic_drop: float  # mean drop of a toxic span's log-likelihood (nats; higher = less toxic)
     kl: float  # mean per-token KL(steered || unsteered) on continuation tokens (nats)
     toxic_mass: float  # mean steered/unsteered ratio of the toxic spans' probability
+    ppl_rise: float = 0.0  # exp(cross-entropy of steered next-token distributions under the unsteered - entropy of unsteered) - 1
 
 
 class HeldOut:
@@ -451,14 +452,17 @@ class HeldOut:
     def check(self, spec: Spec | None) -> Check:
         from .steering import steering
 
-        kl_sum, tokens, drops, weights = 0.0, 0, [], []
+        kl_sum, ce_sum, h_sum, tokens, drops, weights = 0.0, 0.0, 0.0, 0, [], []
         for batch, (base, base_target, toxic, row, weight) in zip(_batches(self.samples, self.batch_size), self.base):
             if spec is None:
                 steered, steered_target = base, base_target
             else:
                 with steering(self.model, spec):
                     steered, steered_target, *_ = self._run(batch)
-            kl_sum += float((steered.exp() * (steered - base)).sum())
+            q = steered.exp()
+            kl_sum += float((q * (steered - base)).sum())
+            ce_sum -= float((q * base).sum())  # what the unsteered judge pays for steered text, per token
+            h_sum -= float((base.exp() * base).sum())
             tokens += base.shape[0]
             diff = (steered_target - base_target).tolist()
             previous = (-1, False)
@@ -472,13 +476,14 @@ class HeldOut:
         total = max(1e-12, sum(weights))
         drop = -sum(w * d for w, d in zip(weights, drops)) / total
         ratio = sum(w * math.exp(d) for w, d in zip(weights, drops)) / total
-        return Check(drop, kl_sum / max(1, tokens), ratio)
+        n = max(1, tokens)
+        return Check(drop, kl_sum / n, ratio, math.exp((ce_sum - h_sum) / n) - 1)
 
 
 # -- the whole pipeline --------------------------------------------------------------------------
-KL_BUDGET = 0.04  # nats per token on held-out samples; about +4% perplexity if entropy stays put
-COUNTS = (10, 20, 40, 80, 160)
-LAMS = (2.0, 8.0, 32.0)
+KL_BUDGET = 0.06  # nats per token on held-out samples: at most about +6% perplexity if entropy stays put
+COUNTS = (10, 20, 30, 40, 60, 80, 120, 160)
+LAMS = (1.0, 2.0, 4.0)
 FORCED_THRESHOLD = 0.9  # a word the model wrote is forced on other prompts only when clearly toxic
 
 
@@ -569,16 +574,19 @@ def build_detox_spec(model, tokenizer, *, count: int | None = None, lam: float |
     _say(progress, f"attributing {len(runs['selection'])} samples + {len(forced['selection'])} forced continuations")
     att = attribute(model, runs["selection"] + forced["selection"], batch_size=batch_size, seed=seed)
     held = HeldOut(model, runs["held-out"] + forced["held-out"], batch_size=batch_size)
-    grid = [(l, c) for l in ([lam] if lam is not None else lams) for c in ([count] if count is not None else counts)]
     results = []
-    for lam_, count_ in grid:
-        chosen = candidates(att, lam_)[:count_]
-        if not chosen or any(r[0] == lam_ and r[1] == len(chosen) for r in results):
-            continue
-        result = held.check(spec_from(chosen, model, name))
-        results.append((lam_, len(chosen), result, chosen))
-        _say(progress, f"lam {lam_:g} count {len(chosen)}: held-out toxic drop {result.toxic_drop:.3f} nats, "
-                       f"KL {result.kl:.4f} nats/token")
+    for lam_ in [lam] if lam is not None else lams:
+        ranked = candidates(att, lam_)
+        for count_ in [count] if count is not None else counts:
+            chosen = ranked[:count_]
+            if not chosen or any(r[0] == lam_ and r[1] == len(chosen) for r in results):
+                break
+            result = held.check(spec_from(chosen, model, name))
+            results.append((lam_, len(chosen), result, chosen))
+            _say(progress, f"lam {lam_:g} count {len(chosen)}: held-out toxic drop {result.toxic_drop:.3f} nats, "
+                           f"KL {result.kl:.4f} nats/token")
+            if result.kl > kl_budget:
+                break  # more vectors only cost more
     if not results:
         raise ValueError("no value-vector edit lowers the toxic log-likelihood on the selection samples")
     fits = [r for r in results if r[2].kl <= kl_budget] or [min(results, key=lambda r: r[2].kl)]

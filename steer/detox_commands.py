@@ -21,7 +21,8 @@ def _build(args) -> int:
 
     spec = build_detox_spec(model, tokenizer, count=args.count, lam=args.lam, kl_budget=args.kl_budget,
                             samples=args.samples, max_new_tokens=args.max_new_tokens, scorer=args.scorer,
-                            batch_size=args.batch_size, seed=args.seed, name=args.name, progress=say)
+                            batch_size=args.batch_size, seed=args.seed, name=args.name, work_dir=args.work_dir,
+                            progress=say)
     path = spec.save(args.out)
     meta = spec.meta
     print(f"wrote {path}: {len(spec.edits)} edits (held-out: toxic log-likelihood -{meta['held_out_toxic_drop']} "
@@ -58,13 +59,14 @@ def register(subparsers) -> None:
     build.add_argument("--out", help="spec file to write (.json or .yaml)")
     build.add_argument("--count", type=int, default=None, help="number of vectors (default: chosen on held-out prompts)")
     build.add_argument("--lam", type=float, default=None, help="weight of the KL cost (default: chosen on held-out prompts)")
-    build.add_argument("--kl-budget", type=float, default=0.04, help="max mean KL per token on held-out samples (nats)")
+    build.add_argument("--kl-budget", type=float, default=0.06, help="max mean KL per token on held-out samples (nats)")
     build.add_argument("--samples", type=int, default=4, help="continuations sampled per selection prompt")
     build.add_argument("--max-new-tokens", type=int, default=20)
     build.add_argument("--scorer", default="profanity-check", help="toxicity scorer for the samples' words")
     build.add_argument("--batch-size", type=int, default=16)
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--name", default="detox", help="name recorded in the spec")
+    build.add_argument("--work-dir", default=None, help="keep the sampled text here; a rerun skips sampling")
     build.set_defaults(func=_build)
 
     show = sub.add_parser("show", help="the edits of a detox spec and the top tokens of their vectors")

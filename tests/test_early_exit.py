@@ -56,26 +56,42 @@ def test_threshold_one_never_exits_and_is_token_identical(model_type, rule):
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_kv_cache_after_exit_has_every_layer_and_propagated_entries(model_type):
+def test_deferred_kv_cache_after_exit_is_the_full_models(model_type):
+    """"defer": skipped layers are computed later, so the final cache equals the plain model's."""
+    model = deep(model_type)
+    exit_model = exit_model_for(model, check=(1,), bias=50.0)  # every new token exits after layer 1
+    with early_exit(model, exit_model, 0.5) as stats:
+        out = greedy(model, n=6, return_dict_in_generate=True)
+    assert stats.tokens == 5 and stats.layers_saved_fraction == pytest.approx(2 / 4)
+    assert stats.deferred == 5 * 2  # every exited position's layers 2-3 were computed later
+    cache = out.past_key_values
+    total = PROMPT.shape[1] + 6 - 1
+    assert len(cache.layers) == 4
+    assert all(layer.keys.shape[-2] == total and layer.values.shape[-2] == total for layer in cache.layers)
+    with torch.no_grad():
+        plain = model(out.sequences[:, :total], use_cache=True).past_key_values
+    for mine, full in zip(cache.layers, plain.layers):
+        torch.testing.assert_close(mine.keys, full.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mine.values, full.values, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_calm_kv_cache_after_exit_has_every_layer_and_propagated_entries(model_type):
     model = deep(model_type)
     adapter = Adapter(model)
     exit_model = exit_model_for(model, check=(1,), bias=50.0)  # always exits after layer 1
     exited = []
     hook = adapter.layers[1].register_forward_hook(lambda m, a, out: exited.append(out.detach().clone()))
-    with early_exit(model, exit_model, 0.5) as stats:
+    with early_exit(model, exit_model, 0.5, propagate="hidden") as stats:
         out = greedy(model, n=6, return_dict_in_generate=True)
     hook.remove()
-    assert stats.tokens == 5 and stats.layers_saved_fraction == pytest.approx(2 / 4)
+    assert stats.tokens == 5 and stats.layers_saved_fraction == pytest.approx(2 / 4) and stats.deferred == 0
     cache = out.past_key_values
     total = PROMPT.shape[1] + 6 - 1
-    assert len(cache.layers) == 4
     assert all(layer.keys.shape[-2] == total and layer.values.shape[-2] == total for layer in cache.layers)
-    # The skipped layers' entries are the K/V those layers compute from the exited state:
-    # recompute layer 3's K/V for the whole sequence by feeding it layer 2's cached output... more simply,
-    # run the untouched model on the same tokens with layers 2-3 receiving the exited state.
-    h_exit = exited[-1]  # the last decode step's exited state (1, 1, d)
+    # The skipped layers' entries are what those layers compute from the exited state.
     position = total - 1
-    reference = reference_kv(model, 3, h_exit, position)
+    reference = reference_kv(model, 3, exited[-1], position)
     torch.testing.assert_close(cache.layers[3].keys[..., position:, :], reference[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cache.layers[3].values[..., position:, :], reference[1], rtol=1e-4, atol=1e-5)
 
@@ -119,21 +135,23 @@ def reference_kv(model, layer: int, hidden: torch.Tensor, position: int):
     return cache.layers[layer].keys, cache.layers[layer].values
 
 
-@pytest.mark.parametrize("model_type,feature_set", [("llama", "direction"), ("gpt2", "direction"), ("llama", "ffn")])
-def test_batched_rows_exit_at_different_layers_and_match_single_rows(model_type, feature_set):
+@pytest.mark.parametrize("model_type,feature_set,propagate", [
+    ("llama", "direction", "defer"), ("gpt2", "direction", "defer"), ("llama", "ffn", "defer"),
+    ("llama", "direction", "hidden"), ("gpt2", "direction", "hidden")])
+def test_batched_rows_exit_at_different_layers_and_match_single_rows(model_type, feature_set, propagate):
     model = deep(model_type, layers=5)
     exit_model = exit_model_for(model, check=(1, 2, 3), seed=3, scale=4.0, feature_set=feature_set)
     prompts = [[5, 17, 33, 8, 61, 12], [9, 40, 2 + 70], [44, 13, 27, 81, 6]]
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with early_exit(model, exit_model, 0.5) as batch_stats:
+    with early_exit(model, exit_model, 0.5, propagate=propagate) as batch_stats:
         batched = greedy(model, ids, n=8, attention_mask=mask)
     assert len(batch_stats.exit_layers) >= 2, "the rule should send rows to different layers"
     assert batch_stats.layers_saved_fraction <= batch_stats.wanted_saved_fraction
     wanted = 0.0
     for row, prompt in enumerate(prompts):
-        with early_exit(model, exit_model, 0.5) as stats:
+        with early_exit(model, exit_model, 0.5, propagate=propagate) as stats:
             single = greedy(model, torch.tensor([prompt]), n=8)
         assert torch.equal(batched[row, width:], single[0, len(prompt):]), f"row {row} differs"
         assert stats.layers_saved_fraction == pytest.approx(stats.wanted_saved_fraction)
@@ -141,16 +159,17 @@ def test_batched_rows_exit_at_different_layers_and_match_single_rows(model_type,
     assert batch_stats.wanted_saved_fraction == pytest.approx(wanted / batch_stats.tokens)
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_teacher_forced_all_positions_equals_token_by_token_decoding(model_type):
+@pytest.mark.parametrize("model_type,propagate", [("llama", "defer"), ("gpt2", "defer"), ("llama", "hidden"),
+                                                  ("gpt2", "hidden")])
+def test_teacher_forced_all_positions_equals_token_by_token_decoding(model_type, propagate):
     model = deep(model_type, layers=5)
     exit_model = exit_model_for(model, check=(1, 2, 3), seed=5, scale=4.0)
     ids = torch.tensor([[5, 17, 33, 8, 61, 12, 40, 2 + 70, 44, 13]])
     with torch.no_grad():
-        with early_exit(model, exit_model, 0.5, positions="all") as stats:
+        with early_exit(model, exit_model, 0.5, positions="all", propagate=propagate) as stats:
             parallel = model(ids).logits
         steps = []
-        with early_exit(model, exit_model, 0.5) as step_stats:
+        with early_exit(model, exit_model, 0.5, propagate=propagate) as step_stats:
             out = model(ids[:, :1], use_cache=True)
             steps.append(out.logits)
             for t in range(1, ids.shape[1]):
@@ -163,31 +182,34 @@ def test_teacher_forced_all_positions_equals_token_by_token_decoding(model_type)
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_steering_and_early_exit_together(model_type):
+    """Steering edits the layers that run; early exit skips the rest and reads out the steered state."""
     model = deep(model_type)
     adapter = Adapter(model)
     spec = Spec.build("push", [(0, 3, "set", 6.0), (1, 5, "scale", -2.0)], model=model)
     maps = LayerMaps.identity([1], adapter.unembed.weight.shape[1])
     maps.weight[0] += 0.05 * torch.randn(maps.weight.shape[1:], generator=torch.Generator().manual_seed(1))
-    exit_model = exit_model_for(model, check=(1,), bias=50.0, maps=maps)
+    exit_model = exit_model_for(model, check=(1,), bias=50.0, maps=maps)  # every new token exits after layer 1
+    with steering(model, spec), early_exit(model, exit_model, 0.5) as stats:
+        both = greedy(model, n=5)
+    with early_exit(model, exit_model, 0.5):
+        exit_only = greedy(model, n=5)
+    assert stats.layers_saved_fraction == pytest.approx(0.5)  # early exit's promise: layers 2-3 skipped
+    assert not torch.equal(both, exit_only)  # steering's promise: the edits change what is generated
+    # Each token is the read-out of the *steered* layer-1 state, mapped: check against a steered full pass.
+    # (The first new token comes from the prompt's pass, which is computed in full.)
     layer1 = {}
     handle = adapter.layers[1].register_forward_hook(lambda m, a, out: layer1.update(h=out.detach().clone()))
     with torch.no_grad(), steering(model, spec):
-        steered_full = model(PROMPT).logits
-        expected = adapter.readout(maps.apply(1, layer1["h"]))  # steered state at layer 1, mapped, read out
+        full = model(both[:, :-1]).logits.argmax(-1)[0, PROMPT.shape[1] - 1:]
     handle.remove()
-    with torch.no_grad(), steering(model, spec), early_exit(model, exit_model, 0.5, positions="all") as stats:
-        both = model(PROMPT).logits
-    with torch.no_grad(), early_exit(model, exit_model, 0.5, positions="all"):
-        exit_only = model(PROMPT).logits
-    assert stats.layers_saved_fraction == pytest.approx(0.5)  # early exit's promise: layers 2-3 skipped
-    torch.testing.assert_close(both, expected, rtol=1e-4, atol=1e-4)  # steering's: edits applied before the exit
-    assert not torch.allclose(both, exit_only, atol=1e-3)
-    # Never-firing exit leaves steering exactly as it was; steering still generates through it.
+    expected = adapter.readout(maps.apply(1, layer1["h"])).argmax(-1)[0, PROMPT.shape[1] - 1:]
+    assert both[0, PROMPT.shape[1]] == full[0]
+    assert torch.equal(both[0, PROMPT.shape[1] + 1:], expected[1:])
+    # A never-firing exit leaves steering exactly as it was.
     with steering(model, spec):
         steered = greedy(model, n=6)
         with early_exit(model, exit_model, 1.0):
             assert torch.equal(greedy(model, n=6), steered)
-    assert not torch.allclose(steered_full, model(PROMPT).logits)
     assert wrapped_state_is_clean(model)
 
 
@@ -269,10 +291,9 @@ def test_least_squares_map_recovers_an_affine_map():
 
 
 @pytest.mark.embedded
-@pytest.mark.xfail(strict=False, reason="issue 8 open: the fitted exit model may want no exit on this short prompt")
 def test_embedded_exit_off_is_identical_and_batches_match(embedded):
     model, tokenizer = embedded
-    exit_model = exit_model_for(model, check=(20, 24, 27), seed=0, scale=0.3, bias=0.0,
+    exit_model = exit_model_for(model, check=(20, 24, 27), seed=0, scale=3.0, bias=2.0,  # rows exit at 20, 24 or not
                                 maps=LayerMaps.identity([20, 24, 27], 576))
     prompts = ["The function returns", "Raise an error when the file"]
     single = tokenizer(prompts[0], return_tensors="pt")
@@ -280,12 +301,12 @@ def test_embedded_exit_off_is_identical_and_batches_match(embedded):
     with early_exit(model, exit_model, 1.0):
         assert torch.equal(greedy(model, single.input_ids, n=6, attention_mask=single.attention_mask), plain)
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    with early_exit(model, exit_model, 0.6) as stats:
+    with early_exit(model, exit_model, 0.3) as stats:
         batched = greedy(model, batch.input_ids, n=6, attention_mask=batch.attention_mask)
-    assert stats.wanted_saved_fraction > 0
+    assert len(stats.exit_layers) >= 2 and stats.wanted_saved_fraction > 0.05
     for row, prompt in enumerate(prompts):
         ids = tokenizer(prompt, return_tensors="pt")
-        with early_exit(model, exit_model, 0.6):
+        with early_exit(model, exit_model, 0.3):
             alone = greedy(model, ids.input_ids, n=6, attention_mask=ids.attention_mask)
         assert torch.equal(batched[row, -6:], alone[0, -6:])
 
