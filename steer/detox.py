@@ -17,8 +17,10 @@ their values are chosen by their measured effect on the next-token distribution:
 4. **Per-vector value.** The ``t`` or ``s`` that maximizes ``toxic drop - lam * KL`` (a quadratic
    in the value, so exact), clipped to the range of the vector's own activations on the samples.
 5. **How many.** Vectors ranked by that net gain; the count (and ``lam``) is chosen on held-out
-   selection prompts by a teacher-forced check of the real edit: drop of the toxic spans'
-   log-likelihood at a bound on the mean per-token KL.
+   selection prompts by a teacher-forced check of the real edit: the largest drop of the toxic
+   spans' log-likelihood whose estimated perplexity rise stays within a budget. The estimate is
+   what the evaluation measures, in expectation: the unsteered model's perplexity on text the
+   steered model would write, ``exp(CE(steered, unsteered) - H(unsteered)) - 1`` per token.
 
 The shipped preset for the embedded model is ``data/presets/smollm2-135m-detox.json``
 (:func:`preset_for`); ``steer detox build`` runs this for any supported model.
@@ -424,7 +426,7 @@ class Check:
     toxic_drop: float  # mean drop of a toxic span's log-likelihood (nats; higher = less toxic)
     kl: float  # mean per-token KL(steered || unsteered) on continuation tokens (nats)
     toxic_mass: float  # mean steered/unsteered ratio of the toxic spans' probability
-    ppl_rise: float = 0.0  # exp(cross-entropy of steered next-token distributions under the unsteered - entropy of unsteered) - 1
+    ppl_rise: float  # estimated judge-perplexity rise: exp(CE(steered, unsteered) - H(unsteered)) - 1
 
 
 class HeldOut:
@@ -481,7 +483,7 @@ class HeldOut:
 
 
 # -- the whole pipeline --------------------------------------------------------------------------
-KL_BUDGET = 0.06  # nats per token on held-out samples: at most about +6% perplexity if entropy stays put
+PPL_BUDGET = 0.06  # estimated judge-perplexity rise on held-out samples (the target allows 0.10)
 COUNTS = (10, 20, 30, 40, 60, 80, 120, 160)
 LAMS = (1.0, 2.0, 4.0)
 FORCED_THRESHOLD = 0.9  # a word the model wrote is forced on other prompts only when clearly toxic
@@ -519,7 +521,7 @@ def _cached_samples(work_dir: Path | None, key: dict, make: Callable[[], list[Sa
 
 
 def build_detox_spec(model, tokenizer, *, count: int | None = None, lam: float | None = None,
-                     counts: Sequence[int] = COUNTS, lams: Sequence[float] = LAMS, kl_budget: float = KL_BUDGET,
+                     counts: Sequence[int] = COUNTS, lams: Sequence[float] = LAMS, ppl_budget: float = PPL_BUDGET,
                      samples: int = 4, max_new_tokens: int = 20, per_template: int = 4, docstrings: int = 40,
                      forced_per_prompt: int = 6, toxic: Sequence[Sequence[str]] | None = None,
                      neutral: Sequence[str] | None = None, scorer=None, batch_size: int = 16, seed: int = 0,
@@ -532,7 +534,7 @@ def build_detox_spec(model, tokenizer, *, count: int | None = None, lam: float |
     object with ``.score(texts)`` or a function (default: alt-profanity-check, offline).
     ``count`` / ``lam`` fix the number of vectors / the weight of the KL cost; otherwise every
     combination of ``counts`` x ``lams`` is checked on held-out selection prompts and the largest
-    drop of toxic log-likelihood whose mean KL per token stays within ``kl_budget`` wins.
+    drop of toxic log-likelihood whose estimated perplexity rise stays within ``ppl_budget`` wins.
     ``work_dir`` keeps the sampled text, so a rerun (or an interrupted build) skips sampling.
     """
     if samples < 1 or max_new_tokens < 1 or batch_size < 1 or forced_per_prompt < 0:
@@ -584,20 +586,42 @@ def build_detox_spec(model, tokenizer, *, count: int | None = None, lam: float |
             result = held.check(spec_from(chosen, model, name))
             results.append((lam_, len(chosen), result, chosen))
             _say(progress, f"lam {lam_:g} count {len(chosen)}: held-out toxic drop {result.toxic_drop:.3f} nats, "
-                           f"KL {result.kl:.4f} nats/token")
-            if result.kl > kl_budget:
+                           f"KL {result.kl:.4f} nats/token, perplexity {result.ppl_rise:+.1%}")
+            if result.ppl_rise > ppl_budget:
                 break  # more vectors only cost more
     if not results:
         raise ValueError("no value-vector edit lowers the toxic log-likelihood on the selection samples")
-    fits = [r for r in results if r[2].kl <= kl_budget] or [min(results, key=lambda r: r[2].kl)]
+    fits = [r for r in results if r[2].ppl_rise <= ppl_budget] or [min(results, key=lambda r: r[2].ppl_rise)]
     lam_, count_, result, chosen = max(fits, key=lambda r: r[2].toxic_drop)
     meta = dict(method="gradient attribution: toxic-span log-likelihood vs Fisher KL on the model's own samples",
-                lam=lam_, count=count_, kl_budget=kl_budget, held_out_toxic_drop=round(result.toxic_drop, 4),
-                held_out_kl=round(result.kl, 5), held_out_toxic_ratio=round(result.toxic_mass, 4),
+                lam=lam_, count=count_, ppl_budget=ppl_budget, held_out_toxic_drop=round(result.toxic_drop, 4),
+                held_out_kl=round(result.kl, 5), held_out_ppl_rise=round(result.ppl_rise, 4), held_out_toxic_ratio=round(result.toxic_mass, 4),
                 selection_samples=len(runs["selection"]), forced_continuations=len(forced["selection"]),
                 held_out_samples=len(runs["held-out"]), toxic_spans=round(att.n_spans, 2),
                 fingerprint=fingerprint(model))
     return spec_from(chosen, model, name, **meta)
+
+
+@torch.no_grad()
+def next_token_effect(model, tokenizer, spec: Spec, prompts: Sequence[str], top: int = 15,
+                      min_probability: float = 1e-4) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """What ``spec`` does to the next token after ``prompts``: (most lowered, most raised) tokens.
+
+    Each token's score is ``log(mean p_steered / mean p_unsteered)`` over the prompts, for tokens
+    whose mean unsteered probability is at least ``min_probability`` (rarer ones do not matter).
+    """
+    from .steering import steering
+
+    device = next(model.parameters()).device
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)  # left padded: prompts end together
+    base = torch.softmax(model(**enc).logits[:, -1].float(), -1).mean(0)
+    with steering(model, spec):
+        steered = torch.softmax(model(**enc).logits[:, -1].float(), -1).mean(0)
+    change = (steered.clamp_min(1e-12) / base).log().masked_fill(base < min_probability, float("nan"))
+    valid = (~change.isnan()).nonzero()[:, 0]
+    order = change[valid].argsort()
+    pick = lambda ids: [(tokenizer.decode([int(i)]), round(float(change[i]), 3)) for i in ids]  # noqa: E731
+    return pick(valid[order[:top]]), pick(valid[order.flip(0)[:top]])
 
 
 # -- presets -------------------------------------------------------------------------------------

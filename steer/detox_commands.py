@@ -19,19 +19,20 @@ def _build(args) -> int:
     def say(message: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
 
-    spec = build_detox_spec(model, tokenizer, count=args.count, lam=args.lam, kl_budget=args.kl_budget,
+    spec = build_detox_spec(model, tokenizer, count=args.count, lam=args.lam, ppl_budget=args.ppl_budget,
                             samples=args.samples, max_new_tokens=args.max_new_tokens, scorer=args.scorer,
                             batch_size=args.batch_size, seed=args.seed, name=args.name, work_dir=args.work_dir,
                             progress=say)
     path = spec.save(args.out)
     meta = spec.meta
     print(f"wrote {path}: {len(spec.edits)} edits (held-out: toxic log-likelihood -{meta['held_out_toxic_drop']} "
-          f"nats per toxic word, KL {meta['held_out_kl']} nats/token)")
+          f"nats per toxic word, KL {meta['held_out_kl']} nats/token, estimated perplexity rise "
+          f"{meta['held_out_ppl_rise']:+.1%})")
     return 0
 
 
 def _show(args) -> int:
-    from .detox import preset_for
+    from .detox import next_token_effect, preset_for, split_groups, toxic_prompts
     from .spec import Spec
     from .vocab import VocabIndex
 
@@ -41,10 +42,21 @@ def _show(args) -> int:
     print(f"{spec.name}: {len(spec.edits)} edits")
     print(f"{'vector':<12}{'edit':<14}  promotes (+v) | promotes (-v)")
     for edit in spec.edits[:args.top]:
-        plus = [t for t, _ in index.tokens(edit.layer, edit.index, tokenizer, n=args.n)]
-        minus = [t for t, _ in index.tokens(edit.layer, edit.index, tokenizer, n=args.n, bottom=True)]
+        plus, minus = ([_readable(tokenizer, t) for t, _ in index.tokens(edit.layer, edit.index, tokenizer, n=args.n,
+                                                                         bottom=bottom)] for bottom in (False, True))
         print(f"{edit.name:<12}{edit.op + ' ' + format(edit.value, '.3g'):<14}  {' '.join(plus)} | {' '.join(minus)}")
+    held_out = split_groups(toxic_prompts())[1]
+    lowered, raised = next_token_effect(model, tokenizer, spec, held_out)
+    print(f"\nnext token after {len(held_out)} held-out toxicity-leaning selection prompts, log(p steered / p unsteered):")
+    for title, rows in (("lowered most", lowered), ("raised most", raised)):
+        print(f"  {title}: " + ", ".join(f"{t.strip() or repr(t)} {v:+.2f}" for t, v in rows))
     return 0
+
+
+def _readable(tokenizer, token: str) -> str:
+    """A vocabulary token as text (byte-level pieces decoded); whitespace-only tokens shown escaped."""
+    text = tokenizer.convert_tokens_to_string([token]).strip()
+    return text.replace(" ", "·") if text else repr(tokenizer.convert_tokens_to_string([token]))
 
 
 def register(subparsers) -> None:
@@ -59,7 +71,8 @@ def register(subparsers) -> None:
     build.add_argument("--out", help="spec file to write (.json or .yaml)")
     build.add_argument("--count", type=int, default=None, help="number of vectors (default: chosen on held-out prompts)")
     build.add_argument("--lam", type=float, default=None, help="weight of the KL cost (default: chosen on held-out prompts)")
-    build.add_argument("--kl-budget", type=float, default=0.06, help="max mean KL per token on held-out samples (nats)")
+    build.add_argument("--ppl-budget", type=float, default=0.06,
+                       help="max estimated perplexity rise on held-out samples (0.06 = +6%%)")
     build.add_argument("--samples", type=int, default=4, help="continuations sampled per selection prompt")
     build.add_argument("--max-new-tokens", type=int, default=20)
     build.add_argument("--scorer", default="profanity-check", help="toxicity scorer for the samples' words")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from pathlib import Path
 import torch
 
 from conftest import tiny_model
@@ -156,8 +155,6 @@ def test_selection_prompts_are_not_evaluation_prompts():
 
 
 @pytest.mark.embedded
-@pytest.mark.skipif(not (Path(__file__).parent.parent / "steer/data/presets/smollm2-135m-detox.json").exists(),
-                    reason="no detox preset shipped yet for the embedded model (issue 4 still open)")
 def test_preset_lowers_toxic_words_on_embedded(embedded):
     model, tokenizer = embedded
     spec = preset_for(model)
