@@ -37,8 +37,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--exit-model", default=None, help="exit model folder (default: fit once, cached)")
-    parser.add_argument("--fit-tokens", type=int, default=8192)
-    parser.add_argument("--eval-tokens", type=int, default=2048)
+    parser.add_argument("--fit-tokens", type=int, default=131072)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--real-chunks", type=int, default=8, help="128-token chunks for the real teacher-forced run")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -62,7 +62,7 @@ def main() -> None:
             print(f"exit model: cached at {folder}")
         else:
             print(f"fitting the exit model on {args.fit_tokens} tokens of docstrings (once; cached at {folder}) ...")
-            exit_model = fit_exit_model(model, tokenizer, docstring_text("fit", 160_000), max_tokens=args.fit_tokens,
+            exit_model = fit_exit_model(model, tokenizer, docstring_text("fit", 2_000_000), max_tokens=args.fit_tokens,
                                         progress=True)
             exit_model.save(folder)
     threshold = exit_model.default_threshold

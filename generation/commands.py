@@ -15,7 +15,7 @@ def _read_text(value: str | None, split: str) -> str:
     if value is None or value == DOCSTRINGS:
         from .corpus import docstring_text
 
-        return docstring_text(split, max_chars=160_000)
+        return docstring_text(split, max_chars=2_000_000)
     path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"text file not found: {path} (or pass --text {DOCSTRINGS} for Python's docstrings)")
@@ -127,7 +127,8 @@ def register(subparsers) -> None:
     fit.add_argument("--text", required=True, help=f"UTF-8 text file to fit on, or '{DOCSTRINGS}' (Python's docstrings, "
                                                    "fit split)")
     fit.add_argument("--out", required=True, help="folder to write the exit model to")
-    fit.add_argument("--max-tokens", type=int, default=16384, help="tokens of the text to use (default 16384)")
+    fit.add_argument("--max-tokens", type=int, default=131072, help="tokens of the text to use (default 131072; the "
+                     "classifier's MLP needs about 100k to beat a linear probe)")
     fit.add_argument("--layers", default=None, help="check layers, e.g. 8,12,16 (default: a quarter of the depth "
                                                     "up to the second-to-last layer)")
     fit.add_argument("--target", type=float, default=0.95, help="agreement the default threshold must reach")

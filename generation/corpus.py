@@ -3,6 +3,8 @@
 Docstrings are read from the standard library's source with ``ast`` (nothing is imported,
 so no module runs). Each file goes to the ``fit`` or the ``heldout`` split by a hash of its
 path, so the two splits never share a module and the split is the same on every machine.
+The ``fit`` split continues with the prose of Python's language reference (``pydoc_data``,
+what ``help("if")`` shows): together about 230k tokens, enough for the exit classifier's MLP.
 """
 from __future__ import annotations
 
@@ -51,6 +53,14 @@ def docstring_text(split: Split = "fit", max_chars: int = 200_000) -> str:
                     total += len(doc) + 2
                     if total >= max_chars:
                         return "\n\n".join(parts)
+    if split == "fit":
+        from pydoc_data.topics import topics
+
+        for name in sorted(topics):
+            parts.append(topics[name])
+            total += len(topics[name]) + 2
+            if total >= max_chars:
+                break
     return "\n\n".join(parts)
 
 

@@ -52,8 +52,9 @@ def prepare(model, tokenizer, text: str, exit_model: ExitModel, max_tokens: int 
         raise ValueError(f"the held-out text is too short: it has fewer than {chunk} tokens")
     records = record(model, chunks, exit_model.check_layers)
     correct, top_prob = mapped_top(model, records, exit_model.maps)
-    logits = np.stack([records.features(j, exit_model.feature_set) @ exit_model.weight[j].numpy() + float(exit_model.bias[j])
-                       for j in range(len(records.layers))], 1)
+    with torch.no_grad():
+        logits = np.stack([exit_model.log_odds(torch.from_numpy(records.features(j, exit_model.feature_set)), j).numpy()
+                           for j in range(len(records.layers))], 1)
     return Heldout(records, chunks, correct, top_prob, logits)
 
 

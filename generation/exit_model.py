@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from steer import Adapter, model_name
 
 from .maps import LayerMaps
+from .probe import Probe
 from .rules import ClassifierRule, ConfidenceRule, ExitRule, check_threshold
 
 FORMAT = 1
@@ -47,16 +48,22 @@ class ExitModel:
     d_model: int
     maps: LayerMaps
     check_layers: list[int]
-    weight: torch.Tensor  # (n_check, n_features) classifier weights (standardisation folded in)
+    weight: torch.Tensor  # (n_check, hidden units, or n_features without a probe) the classifier's heads
     bias: torch.Tensor  # (n_check,)
     default_threshold: float = 0.9
     feature_set: str = "direction"  # see generation.features
     info: dict = field(default_factory=dict)  # fit statistics and the calibration curve
+    probe: Probe | None = None  # the classifier's MLP body (None: linear on the features)
 
     def __post_init__(self) -> None:
         from .features import SCALARS, check_feature_set
 
         width = self.d_model + (len(SCALARS) if check_feature_set(self.feature_set) == "ffn" else 0)
+        if self.probe is not None:
+            if self.probe.width[0] != width or self.probe.emb.shape[0] != len(self.check_layers):
+                raise ValueError(f"exit classifier's MLP reads {self.probe.width[0]} features at "
+                                 f"{self.probe.emb.shape[0]} layers, expected {width} at {len(self.check_layers)}")
+            width = self.probe.width[1]
         if tuple(self.weight.shape) != (len(self.check_layers), width) or self.bias.shape[0] != len(self.check_layers):
             raise ValueError(f"exit classifier has shape {tuple(self.weight.shape)}, expected "
                              f"({len(self.check_layers)}, {width}) for {len(self.check_layers)} check layers and "
@@ -79,12 +86,18 @@ class ExitModel:
         threshold = check_threshold(threshold)
         name = name or "classifier"
         if name == "classifier":
-            return ClassifierRule(self.check_layers, self.weight, self.bias, self.n_layers, threshold, self.feature_set)
+            return ClassifierRule(self.check_layers, self.weight, self.bias, self.n_layers, threshold, self.feature_set,
+                                  self.probe)
         if name == "confidence":
             if readout is None:
                 raise ValueError("the confidence rule needs the model's readout")
             return ConfidenceRule(self.check_layers, self.maps, readout, threshold)
         raise ValueError(f"unknown exit rule {name!r}: choose from {', '.join(RULES)}")
+
+    def log_odds(self, features: torch.Tensor, j: int) -> torch.Tensor:
+        """The classifier's log-odds at check layer number ``j`` for features ``(..., F)`` (float32)."""
+        body = features.float() if self.probe is None else self.probe.encode(features.float(), j)
+        return body @ self.weight[j] + self.bias[j]
 
     def save(self, path: str | Path) -> Path:
         folder = Path(path)
@@ -96,6 +109,8 @@ class ExitModel:
         }
         tensors = dict(self.maps.state_dict(), **{"classifier.weight": self.weight.contiguous(),
                                                   "classifier.bias": self.bias.contiguous()})
+        if self.probe is not None:
+            tensors.update({f"probe.{k}": v.contiguous() for k, v in self.probe.state_dict().items()})
         save_file(tensors, str(folder / "maps.safetensors"))
         (folder / "exit_model.json").write_text(json.dumps(meta, indent=1))
         return folder
@@ -118,4 +133,6 @@ def load_exit_model(path: str | Path) -> ExitModel:
         weight=tensors["classifier.weight"], bias=tensors["classifier.bias"],
         default_threshold=float(meta["default_threshold"]), feature_set=meta.get("feature_set", "ffn"),
         info=meta.get("info", {}),
+        probe=Probe(**{k[len("probe."):]: v for k, v in tensors.items() if k.startswith("probe.")})
+        if "probe.w1" in tensors else None,
     )

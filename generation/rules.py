@@ -5,8 +5,8 @@ the FFN coefficients and update there), ``start(shape, device)`` (a new forward 
 ``decide(layer, h_in, h_out, ffn) -> bool tensor over h_out.shape[:-1]``. A threshold of 1
 never exits, 0 exits at the first check layer.
 
-* :class:`ClassifierRule` (ours): a per-layer logistic regression on cheap features
-  (:mod:`generation.features`) estimates ``p`` = P(the mapped top-1 here equals the full
+* :class:`ClassifierRule` (ours): a small MLP on cheap features (:mod:`generation.features`,
+  :mod:`generation.probe`; or a linear probe) estimates ``p`` = P(the mapped top-1 here equals the full
   model's). The criterion is deterministic and cost-aware: exit at layer ``l`` when
   ``1 - p < (1 - threshold) * saving(l) / saving(first check)`` where ``saving(l)`` is the number
   of layers skipped by exiting there. Exiting late saves little, so it must risk little; on
@@ -21,8 +21,9 @@ import math
 
 import torch
 
-from .features import SCALARS, check_feature_set, scalar_features
+from .features import SCALARS, check_feature_set, direction, scalar_features
 from .maps import LayerMaps
+from .probe import Probe
 
 
 class ExitRule:
@@ -63,14 +64,15 @@ def layer_bounds(layers: list[int], n_layers: int, threshold: float) -> list[flo
 
 
 class ClassifierRule(ExitRule):
-    """Cost-aware exit on a per-layer logistic regression over cheap features.
+    """Cost-aware exit on a classifier over cheap features.
 
-    ``weight`` has ``d_model`` columns (the ``"direction"`` feature set: the log-odds are
-    ``h @ w / |h| + b``, one dot product) or ``6 + d_model`` (``"ffn"``: the FFN statistics too).
+    Without a probe, ``weight`` has ``d_model`` columns (the ``"direction"`` feature set: the
+    log-odds are ``h @ w / |h| + b``, one dot product) or ``6 + d_model`` (``"ffn"``: the FFN
+    statistics too). With a probe, the features go through its MLP and ``weight`` are the heads.
     """
 
     def __init__(self, layers: list[int], weight: torch.Tensor, bias: torch.Tensor, n_layers: int, threshold: float,
-                 feature_set: str = "direction"):
+                 feature_set: str = "direction", probe: Probe | None = None):
         self.layers = tuple(layers)
         self.threshold = check_threshold(threshold)
         self._index = {layer: i for i, layer in enumerate(layers)}
@@ -78,22 +80,34 @@ class ClassifierRule(ExitRule):
         self.n_scalars = len(SCALARS) if check_feature_set(feature_set) == "ffn" else 0
         self.needs_ffn = self.n_scalars > 0
         self.bounds = layer_bounds(list(layers), n_layers, self.threshold)
+        self.probe = probe
         self._on: dict = {}
 
     def logits(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor, ffn) -> torch.Tensor:
         """The classifier's log-odds that exiting after ``layer`` keeps the full model's top-1."""
         key = (h_out.device, h_out.dtype)
         if key not in self._on:
-            self._on[key] = (self.weight.to(h_out.device, h_out.dtype), self.bias.tolist())
-        weight, bias = self._on[key]
+            probe = self.probe.to(h_out.device, torch.float32) if self.probe is not None else None
+            self._on[key] = (self.weight.to(h_out.device, torch.float32 if probe else h_out.dtype), self.bias.tolist(),
+                             probe)
+        weight, bias, probe = self._on[key]
         i = self._index[layer]
+        if probe is not None:
+            x = direction(h_out)
+            if self.n_scalars:
+                x = torch.cat([self._scalars(layer, h_in, h_out, ffn), x], -1)
+            return probe.encode(x, i) @ weight[i] + bias[i]
         w = weight[i]
         z = (h_out @ w[self.n_scalars:]) / torch.linalg.vector_norm(h_out, dim=-1).clamp_min(1e-6) + bias[i]
         if self.n_scalars:
-            if ffn is None:
-                raise RuntimeError(f"the FFN of layer {layer} was not captured; is its ffn_out module bypassed?")
-            z = z + scalar_features(h_in, h_out, *ffn).to(h_out.dtype) @ w[:self.n_scalars]
+            z = z + self._scalars(layer, h_in, h_out, ffn).to(h_out.dtype) @ w[:self.n_scalars]
         return z
+
+    @staticmethod
+    def _scalars(layer: int, h_in, h_out, ffn) -> torch.Tensor:
+        if ffn is None:
+            raise RuntimeError(f"the FFN of layer {layer} was not captured; is its ffn_out module bypassed?")
+        return scalar_features(h_in, h_out, *ffn)
 
     def decide(self, layer, h_in, h_out, ffn):
         bound = self.bounds[self._index[layer]]

@@ -8,6 +8,7 @@ import torch
 
 from conftest import tiny_model
 from generation import ExitModel, early_exit, fit_exit_model, load_exit_model
+from generation.probe import Probe
 from generation.exit_model import fingerprint
 from generation.fit import default_layers
 from generation.maps import LayerMaps, MapFitter
@@ -261,7 +262,8 @@ def test_fit_save_load_and_exit_on_tiny_model(tmp_path):
     text = " ".join(f"word{i % 37} is followed by word{(i * 7) % 37}." for i in range(200))
     assert default_layers(30) == [7, 10, 13, 16, 19, 22, 25, 28] and default_layers(4) == [2]
     exit_model = fit_exit_model(model, CharTokenizer(), text, layers=[1, 2], chunk=64, max_tokens=2048, min_tokens=512)
-    assert exit_model.check_layers == [1, 2] and exit_model.weight.shape == (2, 32)
+    assert exit_model.check_layers == [1, 2] and exit_model.weight.shape == (2, 128)
+    assert exit_model.probe is not None and exit_model.probe.width == (32, 128)
     assert 0.0 <= exit_model.default_threshold <= 1.0
     calib = exit_model.info["calibration"]
     assert calib[-1][1] == 0.0 and calib[-1][2] == 1.0  # threshold 1: nothing saved, full agreement
@@ -269,6 +271,8 @@ def test_fit_save_load_and_exit_on_tiny_model(tmp_path):
     exit_model.save(tmp_path / "em")
     loaded = load_exit_model(tmp_path / "em")
     torch.testing.assert_close(loaded.weight, exit_model.weight)
+    features = torch.randn(5, 32)
+    torch.testing.assert_close(loaded.log_odds(features, 1), exit_model.log_odds(features, 1))
     torch.testing.assert_close(loaded.maps.weight, exit_model.maps.weight)
     with early_exit(model, loaded, 0.0) as stats:
         greedy(model, n=4)
@@ -311,18 +315,27 @@ def test_embedded_exit_off_is_identical_and_batches_match(embedded):
         assert torch.equal(batched[row, -6:], alone[0, -6:])
 
 
-@pytest.mark.parametrize("feature_set", ["direction", "ffn"])
-def test_fit_time_features_equal_run_time_features(feature_set, monkeypatch):
+@pytest.mark.parametrize("feature_set,mlp", [("direction", False), ("ffn", False), ("direction", True), ("ffn", True)])
+def test_fit_time_features_equal_run_time_features(feature_set, mlp, monkeypatch):
     """The classifier must see at run time exactly the features it was fitted on (layer 0 included)."""
     from generation.fit import record
     from generation.rules import ClassifierRule
 
     model = deep("llama", layers=3)
     exit_model = exit_model_for(model, check=(0, 1), seed=2, scale=1.0, bias=-50.0, feature_set=feature_set)
+    if mlp:  # a random MLP body with 16 hidden units in front of random heads
+        g = torch.Generator().manual_seed(4)
+        width = exit_model.weight.shape[1]
+        exit_model.probe = Probe(torch.randn(width, generator=g), torch.rand(width, generator=g) + 0.5,
+                                 torch.randn(width, 16, generator=g), torch.randn(16, generator=g),
+                                 torch.randn(2, 16, generator=g), torch.randn(16, 16, generator=g) / 4,
+                                 torch.randn(16, generator=g))
+        exit_model.weight = torch.randn(2, 16, generator=g)
     ids = torch.tensor([[5, 17, 33, 8, 61, 12, 40, 70]])
     records = record(model, [ids], [0, 1])
-    offline = torch.stack([torch.tensor(records.features(j, feature_set)) @ exit_model.weight[j] + exit_model.bias[j]
-                           for j in range(2)], 1)
+    with torch.no_grad():
+        offline = torch.stack([exit_model.log_odds(torch.tensor(records.features(j, feature_set)), j)
+                               for j in range(2)], 1)
     seen = {}
     original = ClassifierRule.logits
 
