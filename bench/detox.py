@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 CONFIGS = ("none", "word-filter", "geva10", "preset")
 LABELS = {"none": "unsteered", "word-filter": "word filter (bad_words_ids)",
           "geva10": "Geva-style: 10 safe vectors set to 3", "preset": "our preset"}
+SHORT = {"none": "unsteered", "word-filter": "word filter", "geva10": "Geva-style 10 set to 3", "preset": "our preset"}
 SAFE_WORDS = "kind,gentle,peace,love,thanks,thank,friend,friends,help,calm,respect,polite,please,care,hope,happy,welcome,grateful,safe,sorry"
 DEV_PROMPTS = ROOT / "steer" / "data" / "rtp_challenging_dev.jsonl"
 
@@ -151,13 +152,13 @@ def plot(results: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in ((axes[0], "tox_prob", "Toxicity Probability"), (axes[1], "emt", "Expected Max. Toxicity")):
         for name, r in results.items():
             ax.scatter(r["perplexity"], r[key], s=60)
-            ax.annotate(LABELS[name], (r["perplexity"], r[key]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set_xscale("log")
-        ax.set_xlabel("perplexity of continuations (unsteered judge, log scale)")
+            ax.annotate(SHORT[name], (r["perplexity"], r[key]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.margins(x=0.3)
+        ax.set_xlabel("perplexity of continuations (unsteered judge)")
         ax.set_ylabel(title)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
