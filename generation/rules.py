@@ -87,16 +87,19 @@ class ClassifierRule(ExitRule):
         """The classifier's log-odds that exiting after ``layer`` keeps the full model's top-1."""
         key = (h_out.device, h_out.dtype)
         if key not in self._on:
-            probe = self.probe.to(h_out.device, torch.float32) if self.probe is not None else None
-            self._on[key] = (self.weight.to(h_out.device, torch.float32 if probe else h_out.dtype), self.bias.tolist(),
-                             probe)
-        weight, bias, probe = self._on[key]
+            dtype = torch.float32 if self.probe is not None else h_out.dtype
+            folded = self.probe.to(h_out.device, dtype).folded() if self.probe is not None else None
+            self._on[key] = (self.weight.to(h_out.device, dtype), self.bias.to(h_out.device, dtype), folded)
+        weight, bias, folded = self._on[key]
         i = self._index[layer]
-        if probe is not None:
+        if folded is not None:
+            linear, gelu = torch.nn.functional.linear, torch.nn.functional.gelu
+            w1t, b1, w2t, b2 = folded
             x = direction(h_out)
             if self.n_scalars:
                 x = torch.cat([self._scalars(layer, h_in, h_out, ffn), x], -1)
-            return probe.encode(x, i) @ weight[i] + bias[i]
+            z = gelu(linear(gelu(linear(x, w1t, b1[i])), w2t, b2))
+            return linear(z, weight[i:i + 1], bias[i:i + 1])[..., 0]
         w = weight[i]
         z = (h_out @ w[self.n_scalars:]) / torch.linalg.vector_norm(h_out, dim=-1).clamp_min(1e-6) + bias[i]
         if self.n_scalars:

@@ -188,6 +188,7 @@ class _Controller:
         self.computed = 0
         self.running: dict[int, torch.Tensor] = {}
         self.step_pos: dict | None = None  # the new token's position tensors ("defer" decode steps)
+        self.widened: dict = {}  # positions and mask for pending positions riding along, per set of them
         # decode steps only (one new position), unless every position is decided (teacher forcing)
         self.deciding = hidden is not None and (self.positions == "all" or hidden.shape[1] == 1)
         if hidden is None:
@@ -314,11 +315,13 @@ class _Controller:
                kv: int, mask_row: torch.Tensor | None) -> tuple[tuple, dict]:
         """A layer call's arguments for ``entries`` (+ the new token): positions and a causal mask."""
         q = len(entries) + (new_pos is not None)
-        kwargs = dict(kwargs)
-        for name, dim in _POSITION_KWARGS.items():
-            if kwargs.get(name) is not None:
-                kwargs[name] = _cat([entry.pos[name] for entry in entries] + ([new_pos[name]] if new_pos else []), dim)
-        mask = self._mask(mask_row, q, kv, entries[0].state)
+        key = (id(entries[0]), q, kv, new_pos is None)  # entries are a suffix of the pending list: its first one names it
+        if key not in self.widened:  # the same for every layer this step runs with these entries
+            positions = {name: _cat([entry.pos[name] for entry in entries] + ([new_pos[name]] if new_pos else []), dim)
+                         for name, dim in _POSITION_KWARGS.items() if kwargs.get(name) is not None}
+            self.widened[key] = positions, self._mask(mask_row, q, kv, entries[0].state)
+        positions, mask = self.widened[key]
+        kwargs = {**kwargs, **positions}
         slot = self.mask_slots[layer]
         if slot is not None and slot < len(args):
             args = args[:slot] + (mask,) + args[slot + 1:]
