@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--exit-model", default=None, help="exit model folder (default: fit once, cached)")
     parser.add_argument("--fit-tokens", type=int, default=131072)
     parser.add_argument("--eval-tokens", type=int, default=8192)
-    parser.add_argument("--real-chunks", type=int, default=8, help="128-token chunks for the real teacher-forced run")
+    parser.add_argument("--real-chunks", type=int, default=64, help="128-token chunks for the real teacher-forced run")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)

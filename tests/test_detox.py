@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 from steer import Spec, steering
 from steer.detox import (Attribution, HeldOut, Sample, attribute, build_detox_spec, candidates, fingerprint,
-                         mark_toxic, preset_for, toxic_prompts, split_groups)
+                         mark_toxic, next_token_effect, preset_for, toxic_prompts, split_groups)
 
 
 def _samples(seed: int = 0, n: int = 6) -> list[Sample]:
@@ -128,7 +128,7 @@ def test_held_out_check_is_zero_for_no_edit():
     model = tiny_model("llama")
     held = HeldOut(model, _samples(1), batch_size=4)
     empty = held.check(Spec.build("empty", [], model=model))
-    assert empty.kl == 0.0 and empty.toxic_drop == 0.0 and empty.toxic_mass == 1.0
+    assert empty.kl == 0.0 and empty.toxic_drop == 0.0 and empty.toxic_mass == 1.0 and empty.ppl_rise == 0.0
     spec = Spec.build("boost", [(layer, i, "scale", 20.0) for layer in (0, 1) for i in range(64)], model=model)
     assert held.check(spec).kl > 1e-3
 
@@ -178,3 +178,8 @@ def test_preset_lowers_toxic_words_on_embedded(embedded):
     drop = logprobs(None) - logprobs(spec)
     assert drop.mean() > 0.5, drop  # toxic words at least 1.6x less likely on average
     assert (drop > 0).float().mean() >= 0.75
+    # what `steer detox show` reports: after held-out toxicity-leaning prompts, insults are what falls most
+    lowered, raised = next_token_effect(model, tokenizer, spec, split_groups(toxic_prompts())[1])
+    insults = {"stupid", "dumb", "idiot", "coward", "retard", "moron", "ignorant", "bitch", "fool", "jerk", "liar"}
+    assert len(insults & {t.strip().lower() for t, _ in lowered}) >= 3, lowered
+    assert all(v < -2.0 for _, v in lowered) and all(v > 0 for _, v in raised)

@@ -378,3 +378,24 @@ def test_cli_generate_with_early_exit_and_steering(embedded, tmp_path, capsys):
     assert "saved 30.0%" in capsys.readouterr().out  # exits after layer 20 of 30: 9 layers skipped
     assert main(base + ["--early-exit", str(tmp_path / "em"), "--threshold", "1.5"]) == 2
     assert "threshold must be a number in [0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_train_probe_learns_and_its_validation_log_odds_are_what_the_model_computes(hidden):
+    """A label that depends on the features nonlinearly per layer; the returned exit model reproduces
+    the validation predictions the threshold is calibrated on (folded standardisation included)."""
+    from generation.probe import train_probe
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 2, 8, generator=g) * 3 + 1
+    y = torch.stack([x[:, 0, 0] > 1, (x[:, 1, 1] + x[:, 1, 2]) > 2], 1)
+    probe, weight, bias, val, val_logodds = train_probe(x, y, hidden=hidden, epochs=30)
+    assert (probe is None) == (hidden == 0) and weight.shape == (2, hidden or 8)
+    exit_model = ExitModel("m", "f", 4, 8, LayerMaps.identity([1, 2], 8), [1, 2], weight, bias, probe=probe)
+    with torch.no_grad():
+        again = torch.stack([exit_model.log_odds(x[val, j], j) for j in range(2)], 1)
+    torch.testing.assert_close(again, torch.from_numpy(val_logodds), rtol=1e-4, atol=1e-4)
+    accuracy = ((again > 0) == y[val]).float().mean(0)
+    assert (accuracy > 0.88).all(), accuracy  # chance: 0.5
+    with pytest.raises(ValueError, match="too few tokens"):
+        train_probe(x[:10], y[:10])
