@@ -62,3 +62,17 @@ def save_tiny(folder, model_type: str = "llama", seed: int = 0):
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run ~20x faster on one thread than on two contended ones (``pytestmark`` a module with it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_blocks(n: int, length: int, seed: int = 0) -> torch.Tensor:
+    """``(n, length)`` random token ids inside every tiny model's vocabulary."""
+    return torch.randint(3, 96, (n, length), generator=torch.Generator().manual_seed(seed))

@@ -17,13 +17,7 @@ IDS = torch.tensor([[0, 0, 0, 8, 61, 12, 40, 41], [5, 17, 33, 8, 61, 12, 40, 41]
 MASK = (IDS != 0).long()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~20x faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def four_layers(model_type: str, seed: int = 0):

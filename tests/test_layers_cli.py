@@ -13,12 +13,7 @@ from steer.layer_scan import scan_skips, text_blocks
 from steer.similarity import cosine_matrix, hidden_states
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

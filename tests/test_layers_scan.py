@@ -6,22 +6,13 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import random_blocks, tiny_model
 from steer import Spec, steering
 from steer.layer_scan import PlanScore, greedy_plans, scan_skips, tokens_per_second, within_budget
 from steer.layers import LayerOp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def blocks(seed=0, n=5, length=12):
-    return torch.randint(3, 96, (n, length), generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perplexity_of(model, ids, skipped=()):
@@ -36,7 +27,7 @@ def perplexity_of(model, ids, skipped=()):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2"])
 def test_scan_equals_naive_and_plain_forward(family):
     model = tiny_model(family, **{"n_layer" if family == "gpt2" else "num_hidden_layers": 5})
-    ids = blocks()
+    ids = random_blocks(5, 12)
     cheap = scan_skips(model, ids, batch_size=2)
     naive = scan_skips(model, ids, batch_size=2, reuse=False)
     base_ppl, top1 = perplexity_of(model, ids)
@@ -55,7 +46,7 @@ def test_scan_equals_naive_and_plain_forward(family):
 
 def test_greedy_steps_equal_naive_pairs():
     model = tiny_model("llama", num_hidden_layers=5, seed=3)
-    ids = blocks(1)
+    ids = random_blocks(5, 12, seed=1)
     plans = greedy_plans(model, ids, max_skips=3, batch_size=3)
     assert [len(p.skipped) for p in plans] == [1, 2, 3]
     assert set(plans[0].skipped) < set(plans[1].skipped) < set(plans[2].skipped)
@@ -86,7 +77,7 @@ def test_budget_picks_the_most_skips_within_it():
 
 def test_speed_is_measured_with_the_ops_applied():
     model = tiny_model("llama", num_hidden_layers=4)
-    prompt = blocks(n=1, length=6)
+    prompt = random_blocks(1, 6)
     calls = []
     handle = model.model.layers[2].register_forward_pre_hook(lambda *a: calls.append(1))
     assert tokens_per_second(model, prompt, [LayerOp.skip(1)], new_tokens=4) > 0

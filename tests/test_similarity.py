@@ -4,27 +4,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import random_blocks, tiny_model
 from steer import Adapter
 from steer.similarity import analyze, cosine_matrix, fit_maps, hidden_states, linear_cka, top1_agreement
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def blocks(n=4, length=16, seed=0):
-    return torch.randint(3, 96, (n, length), generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_hidden_states_are_the_layer_outputs(family):
     model = tiny_model(family, **{"n_layer" if family == "gpt2" else "num_hidden_layers": 3})
-    ids = blocks(2)
+    ids = random_blocks(2, 16)
     hidden, top1 = hidden_states(model, ids, batch_size=1)
     with torch.no_grad():
         out = model(ids, output_hidden_states=True)
@@ -72,7 +63,7 @@ def test_agreement_lens_maps_and_split():
     from generation.maps import LayerMaps
 
     model = tiny_model("llama", num_hidden_layers=3, seed=4)
-    ids = blocks(4)
+    ids = random_blocks(4, 16)
     hidden, top1 = hidden_states(model, ids)
     lens = top1_agreement(model, hidden, top1, chunk=7)
     assert lens[-1] == 1.0 and lens.shape == (3,)
@@ -81,7 +72,7 @@ def test_agreement_lens_maps_and_split():
     identity = LayerMaps.identity([0, 1, 2], 32)
     assert torch.equal(top1_agreement(model, hidden, top1, identity), lens)
 
-    ids = blocks(10, 32)
+    ids = random_blocks(10, 32)
     hidden, top1 = hidden_states(model, ids)
     result = analyze(model, ids, cka_tokens=40, batch_size=3)
     assert result.tokens == 320 and result.heldout_tokens == 160 and result.cka_tokens == 40
