@@ -7,7 +7,6 @@ other than the one the maps were fitted for, naming both.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steer import Adapter, model_name
+from steer.models import weights_digest
 
 from .maps import LayerMaps
 from .probe import Probe
@@ -28,14 +28,10 @@ RULES = ("classifier", "confidence")
 def fingerprint(model: torch.nn.Module) -> str:
     """Hash of the model's shape and a few of its weights (cheap; differs between checkpoints)."""
     adapter = Adapter(model)
-    digest = hashlib.sha1(f"{model.config.model_type}:{adapter.n_layers}:{adapter.vocab_size}".encode())
     tensors = [adapter.unembed.weight[:64], adapter.value_vectors(0)[:8], adapter.value_vectors(adapter.n_layers - 1)[:8]]
     if adapter.final_norm is not None and getattr(adapter.final_norm, "weight", None) is not None:
         tensors.append(adapter.final_norm.weight)
-    for tensor in tensors:
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return weights_digest(f"{model.config.model_type}:{adapter.n_layers}:{adapter.vocab_size}", tensors)
 
 
 @dataclass

@@ -134,3 +134,12 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
 def model_name(model: PreTrainedModel) -> str:
     """A short name recorded in specs and reports."""
     return str(getattr(model.config, "name_or_path", "") or model.config.model_type)
+
+
+def weights_digest(header: str, tensors) -> str:
+    """16 hex digits identifying ``header`` and the shapes and values of ``tensors`` (any dtype/device)."""
+    digest = hashlib.sha1(header.encode())
+    for tensor in tensors:
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

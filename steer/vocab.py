@@ -10,14 +10,13 @@ Results are cached on disk under a hash of the weights involved, so a second cal
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .families import Adapter
-from .models import cache_dir
+from .models import cache_dir, weights_digest
 from .names import VectorName
 
 GROUP = 64
@@ -48,16 +47,12 @@ def project(adapter: Adapter, vectors: torch.Tensor, through_norm: bool = False)
 
 def weights_key(adapter: Adapter, k: int, through_norm: bool) -> str:
     """Hash of every weight the index depends on (value vectors, unembedding, final norm)."""
-    digest = hashlib.sha1(f"{adapter.family.name}:{k}:{through_norm}:{GROUP}".encode())
     tensors = [adapter.value_vectors(layer) for layer in range(adapter.n_layers)]
     tensors.append(adapter.unembed.weight)
     for module in (adapter.final_norm, adapter.pre_unembed):
         if module is not None:
             tensors.extend(module.parameters())
-    for tensor in tensors:
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return weights_digest(f"{adapter.family.name}:{k}:{through_norm}:{GROUP}", tensors)
 
 
 @dataclass
