@@ -131,8 +131,7 @@ class Sample:
 
 @torch.no_grad()
 def sample_continuations(model, tokenizer, prompts: Sequence[str], samples: int = 4, max_new_tokens: int = 20,
-                         top_p: float = 0.9, seed: int = 0, batch_size: int = 64,
-                         progress: Callable[[int, int], None] | None = None) -> list[Sample]:
+                         top_p: float = 0.9, seed: int = 0, batch_size: int = 64) -> list[Sample]:
     """The model's own nucleus-sampled continuations (as in the evaluation protocol)."""
     device = next(model.parameters()).device
     eos = model.generation_config.eos_token_id
@@ -151,8 +150,6 @@ def sample_continuations(model, tokenizer, prompts: Sequence[str], samples: int 
             cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
             prompt = tokenizer(chunk[k // samples]).input_ids
             out.append(Sample(prompt, ids[:cut], text=tokenizer.decode(ids[:cut], skip_special_tokens=True)))
-        if progress:
-            progress(min(start + per_batch, len(prompts)), len(prompts))
     return out
 
 
@@ -249,11 +246,6 @@ class Attribution:
     def save(self, path: str | Path) -> None:
         torch.save(self.__dict__, path)
 
-    def with_toxic(self, other: "Attribution") -> "Attribution":
-        """This attribution plus the toxic-span sums of ``other`` (e.g. of forced continuations)."""
-        return Attribution(self.tox_g + other.tox_g, self.tox_ga + other.tox_ga, self.gg, self.gh, self.hh,
-                           self.low, self.high, self.n_spans + other.n_spans, self.n_samples)
-
     @classmethod
     def load(cls, path: str | Path) -> "Attribution":
         return cls(**torch.load(path))
@@ -287,8 +279,7 @@ def _token_logp(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def attribute(model, samples: list[Sample], batch_size: int = 16, quantile: float = 0.01,
-              reservoir: int = 2000, seed: int = 0,
-              progress: Callable[[int, int], None] | None = None) -> Attribution:
+              reservoir: int = 2000, seed: int = 0) -> Attribution:
     """Gradient statistics of every FFN coefficient over ``samples`` (see :class:`Attribution`)."""
     adapter = Adapter(model)
     device = next(model.parameters()).device
@@ -332,9 +323,6 @@ def attribute(model, samples: list[Sample], batch_size: int = 16, quantile: floa
                     stats["tox_ga"][layer] += (g * a.detach().double()).sum((0, 1)).cpu()
                     a.grad = None
             if not own.any():  # forced continuations only: no KL statistics
-                done += len(chunk)
-                if progress:
-                    progress(done, len(samples))
                 continue
             (logp * cont).sum().backward()
             rows = own.to(device)
@@ -349,9 +337,6 @@ def attribute(model, samples: list[Sample], batch_size: int = 16, quantile: floa
                 values = a.detach()[mask.bool() & rows[:, None]].float().cpu()
                 pick = torch.rand(values.shape[0], generator=generator) < keep_share
                 kept[layer].append(values[pick].half())
-            done += len(chunk)
-            if progress:
-                progress(done, len(samples))
     finally:
         for handle in handles:
             handle.remove()
@@ -369,6 +354,9 @@ def attribute(model, samples: list[Sample], batch_size: int = 16, quantile: floa
 
 
 # -- choosing edits ------------------------------------------------------------------------------
+SCALE_RANGE = (-1.0, 1.0)  # "scale" edits shrink a coefficient or flip its sign, never amplify it
+
+
 @dataclass(frozen=True)
 class Candidate:
     layer: int
@@ -379,39 +367,24 @@ class Candidate:
     kl: float  # predicted KL per sample (nats)
 
 
-def candidates(att: Attribution, lam: float, scale_range: tuple[float, float] = (-1.0, 1.0),
-               ops: Sequence[str] = ("set", "scale")) -> list[Candidate]:
+def candidates(att: Attribution, lam: float) -> list[Candidate]:
     """Every vector's best single edit under ``gain - lam * kl``, best first (positive net gains only)."""
     n, m = max(1, att.n_spans), max(1, att.n_samples)
     s1, s2 = att.tox_g / n, att.tox_ga / n
     gg, gh, hh = att.gg / (2 * m), att.gh / (2 * m), att.hh / (2 * m)
-    options = []
-    if "set" in ops:  # gain(t) = s2 - t*s1, kl(t) = t^2 gg - 2t gh + hh
-        t = ((lam * 2 * gh - s1) / (lam * 2 * gg).clamp_min(1e-30)).clamp(att.low.double(), att.high.double())
-        gain, kl = s2 - t * s1, t * t * gg - 2 * t * gh + hh
-        options.append(("set", t, gain, kl))
-    if "scale" in ops:  # with d = s-1: gain = -d*s2, kl = d^2 hh
-        d = (-s2 / (lam * 2 * hh).clamp_min(1e-30)).clamp(scale_range[0] - 1, scale_range[1] - 1)
-        options.append(("scale", d + 1, -d * s2, d * d * hh))
-    best_net, best = None, None
-    for k, (op, value, gain, kl) in enumerate(options):
-        net = gain - lam * kl
-        if best_net is None:
-            best_net, best = net, torch.zeros_like(net, dtype=torch.long)
-        else:
-            better = net > best_net
-            best_net, best = torch.where(better, net, best_net), torch.where(better, k, best)
-    order = best_net.flatten().argsort(descending=True)
-    out = []
-    for flat in order.tolist():
-        layer, index = divmod(flat, best_net.shape[1])
-        net = float(best_net[layer, index])
-        if net <= 0:
-            break
-        op, value, gain, kl = options[int(best[layer, index])]
-        out.append(Candidate(layer, index, op, float(value[layer, index]), float(gain[layer, index]),
-                             float(kl[layer, index])))
-    return out
+    # set a = t: gain(t) = s2 - t*s1, kl(t) = t^2 gg - 2t gh + hh, t within the observed range
+    t = ((lam * 2 * gh - s1) / (lam * 2 * gg).clamp_min(1e-30)).clamp(att.low.double(), att.high.double())
+    set_gain, set_kl = s2 - t * s1, t * t * gg - 2 * t * gh + hh
+    # scale a by s = 1 + d with s in SCALE_RANGE: gain = -d*s2, kl = d^2 hh
+    d = (-s2 / (lam * 2 * hh).clamp_min(1e-30)).clamp(SCALE_RANGE[0] - 1, SCALE_RANGE[1] - 1)
+    scale_gain, scale_kl = -d * s2, d * d * hh
+    use_scale = scale_gain - lam * scale_kl > set_gain - lam * set_kl
+    value, gain, kl = (torch.where(use_scale, a, b) for a, b in ((d + 1, t), (scale_gain, set_gain), (scale_kl, set_kl)))
+    net = (gain - lam * kl).flatten()
+    order = net.argsort(descending=True)[:int((net > 0).sum())]
+    columns = (use_scale.flatten()[order], value.flatten()[order], gain.flatten()[order], kl.flatten()[order])
+    return [Candidate(*divmod(flat, att.tox_g.shape[1]), "scale" if scale else "set", v, g, k)
+            for flat, scale, v, g, k in zip(order.tolist(), *(c.tolist() for c in columns))]
 
 
 def spec_from(candidates_: Sequence[Candidate], model, name: str = "detox", **meta) -> Spec:
@@ -439,32 +412,30 @@ class HeldOut:
     def __init__(self, model, samples: list[Sample], batch_size: int = 16):
         self.model, self.samples, self.batch_size = model, samples, batch_size
         self.base = [self._run(batch) for batch in _batches(samples, batch_size)]
+        self.entropy = sum(float(-(base.exp() * base).sum()) for base, *_ in self.base)  # of the unsteered, summed
 
     @torch.no_grad()
     def _run(self, batch):
         _, input_ids, mask, cont, toxic, weight, own = batch
         device = next(self.model.parameters()).device
-        logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-        logp = torch.log_softmax(logits.float(), -1).cpu()
-        target = logp[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]
+        input_ids = input_ids.to(device)
+        logits = self.model(input_ids=input_ids, attention_mask=mask.to(device)).logits
+        logp = torch.log_softmax(logits.float(), -1)
+        target = logp[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0].cpu()
         row = torch.arange(len(own))[:, None].expand_as(cont)[cont]
-        return (logp[cont & own[:, None]],  # (own continuation tokens, vocab) for the KL
+        return (logp[(cont & own[:, None]).to(device)].cpu(),  # (own continuation tokens, vocab) for the KL
                 target[cont[:, :-1]], toxic[cont], row, weight)
 
-    def check(self, spec: Spec | None) -> Check:
+    def check(self, spec: Spec) -> Check:
         from .steering import steering
 
-        kl_sum, ce_sum, h_sum, tokens, drops, weights = 0.0, 0.0, 0.0, 0, [], []
+        kl_sum, ce_sum, tokens, drops, weights = 0.0, 0.0, 0, [], []
         for batch, (base, base_target, toxic, row, weight) in zip(_batches(self.samples, self.batch_size), self.base):
-            if spec is None:
-                steered, steered_target = base, base_target
-            else:
-                with steering(self.model, spec):
-                    steered, steered_target, *_ = self._run(batch)
+            with steering(self.model, spec):
+                steered, steered_target, *_ = self._run(batch)
             q = steered.exp()
             kl_sum += float((q * (steered - base)).sum())
             ce_sum -= float((q * base).sum())  # what the unsteered judge pays for steered text, per token
-            h_sum -= float((base.exp() * base).sum())
             tokens += base.shape[0]
             diff = (steered_target - base_target).tolist()
             previous = (-1, False)
@@ -479,7 +450,7 @@ class HeldOut:
         drop = -sum(w * d for w, d in zip(weights, drops)) / total
         ratio = sum(w * math.exp(d) for w, d in zip(weights, drops)) / total
         n = max(1, tokens)
-        return Check(drop, kl_sum / n, ratio, math.exp((ce_sum - h_sum) / n) - 1)
+        return Check(drop, kl_sum / n, ratio, math.exp((ce_sum - self.entropy) / n) - 1)
 
 
 # -- the whole pipeline --------------------------------------------------------------------------
@@ -553,6 +524,7 @@ def build_detox_spec(model, tokenizer, *, count: int | None = None, lam: float |
     neu_sel, neu_held = split_groups([[p] for p in neutral_list], min(4, len(neutral_list)))
     folder = Path(work_dir) if work_dir is not None else None
     runs: dict[str, list[Sample]] = {}
+    marked: dict[str, list[str]] = {}
     for part, prompts in (("selection", tox_sel + neu_sel), ("held-out", tox_held + neu_held)):
         part_seed = seed * 2 + (part == "held-out")
         key = dict(part=part, model=fingerprint(model), prompts=prompts, samples=samples,
@@ -560,11 +532,10 @@ def build_detox_spec(model, tokenizer, *, count: int | None = None, lam: float |
         _say(progress, f"{part}: sampling {len(prompts)} prompts x {samples}")
         runs[part] = _cached_samples(folder, key, lambda: sample_continuations(
             model, tokenizer, prompts, samples, max_new_tokens, seed=part_seed, batch_size=max(batch_size, 4 * samples)))
-        marked = mark_toxic(runs[part], tokenizer, score)
-        _say(progress, f"{part}: {len(marked)} toxic words in {len(runs[part])} samples")
+        marked[part] = mark_toxic(runs[part], tokenizer, score)
+        _say(progress, f"{part}: {len(marked[part])} toxic words in {len(runs[part])} samples")
     # forced continuations: the template words and the clearest toxic words the model wrote itself
-    seen = sorted({w.lower() for s in runs["selection"] for w, pos in _words(tokenizer, s.continuation_ids)
-                   if s.toxic and s.toxic[pos[0]] and w.isalpha() and len(w) >= 3})
+    seen = sorted({w.lower() for w in marked["selection"] if w.isalpha() and len(w) >= 3})
     words = sorted(set(TEMPLATE_WORDS) | {w for w, p in zip(seen, score(seen) if seen else []) if p >= FORCED_THRESHOLD})
     forced = {"selection": [], "held-out": []}
     if forced_per_prompt:
