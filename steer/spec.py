@@ -106,6 +106,15 @@ class Spec:
     def with_edits(self, edits, name: str | None = None) -> "Spec":
         return Spec(name or self.name, tuple(edits), self.model, dict(self.meta), self.layers)
 
+    def affine(self) -> dict[tuple[int, int], tuple[float, float]]:
+        """Each edited vector's edits, applied in order, folded into ``a -> a*m + c``: ``(layer, index) -> (m, c)``."""
+        folded: dict[tuple[int, int], tuple[float, float]] = {}
+        for e in self.edits:
+            m, c = folded.get((e.layer, e.index), (1.0, 0.0))
+            folded[(e.layer, e.index)] = {"scale": (m * e.value, c * e.value), "set": (0.0, e.value),
+                                          "add": (m, c + e.value)}[e.op]
+        return folded
+
     # -- (de)serialization -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}

@@ -76,29 +76,20 @@ def compile_specs(model: torch.nn.Module, specs: Specs) -> dict[int, _LayerEdit]
         if spec is not None:
             spec.validate(model)
     shared_ops(rows)  # layer ops: one set for the whole batch
+    folded = [spec.affine() if spec is not None else {} for spec in rows]
     per_layer: dict[int, list[int]] = {}
-    for spec in rows:
-        for edit in spec.edits if spec is not None else ():
-            indices = per_layer.setdefault(edit.layer, [])
-            if edit.index not in indices:
-                indices.append(edit.index)
+    for row in folded:
+        for layer, index in row:
+            indices = per_layer.setdefault(layer, [])
+            if index not in indices:
+                indices.append(index)
     compiled = {}
     for layer, indices in per_layer.items():
-        position = {index: i for i, index in enumerate(indices)}
         mult = torch.ones(len(rows), len(indices), dtype=torch.float64)
         add = torch.zeros(len(rows), len(indices), dtype=torch.float64)
-        for r, spec in enumerate(rows):
-            for edit in spec.edits if spec is not None else ():
-                if edit.layer != layer:
-                    continue
-                i = position[edit.index]
-                if edit.op == "scale":
-                    mult[r, i] *= edit.value
-                    add[r, i] *= edit.value
-                elif edit.op == "set":
-                    mult[r, i], add[r, i] = 0.0, edit.value
-                else:
-                    add[r, i] += edit.value
+        for r, row in enumerate(folded):
+            for i, index in enumerate(indices):
+                mult[r, i], add[r, i] = row.get((layer, index), (1.0, 0.0))
         compiled[layer] = _LayerEdit(torch.tensor(indices), mult, add)
     return compiled
 
