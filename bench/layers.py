@@ -1,9 +1,9 @@
 """Layer scan on the embedded model: the cheap scan (prefix outputs reused) against the naive way
-(one full pass per skipped layer), timed side by side on the same held-out text, candidate by
-candidate in alternation so load bursts on a shared machine hit both alike; then the best greedy
-two-layer plan and its decoding speed against plain ``generate`` at batch 1.
+(one full pass per skipped layer), timed side by side on the same held-out text, whole scans in
+alternation so load bursts on a shared machine hit both alike (fastest of a few each); then the
+best greedy two-layer plan and its decoding speed against plain ``generate`` at batch 1.
 
-    python bench/layers.py [--tokens 1024] [--threads 1]
+    python bench/layers.py [--tokens 1024] [--threads 1] [--scan-rounds 3]
 
 Last line: ``RESULT scan_vs_naive=... best_single_ppl_rise=... best_pair_ppl_rise=... speedup_skip2_bs1=...``
 """
@@ -24,59 +24,33 @@ def held_out_text(max_chars: int = 60_000) -> str:
     return docstring_text("heldout", max_chars)
 
 
-@torch.no_grad()
-def timed_scans(model, blocks: torch.Tensor, batch_size: int):
-    """Every single-layer skip scored both ways, candidate by candidate in alternation, with the
-    primitives ``scan_skips`` uses; returns (cheap Scan, naive Scan, cheap seconds, naive seconds)."""
-    from steer import Adapter
-    from steer.layer_scan import PlanScore, Scan, _forward, _recording, _Tally
-    from steer.layers import LayerOp, layer_ops
+def timed_scans(model, blocks: torch.Tensor, batch_size: int, rounds: int = 3):
+    """The single-layer scan timed both ways: whole ``scan_skips`` calls with and without prefix
+    reuse, in alternation (so load bursts on a shared machine hit both alike), fastest of
+    ``rounds`` each; returns (cheap Scan, naive Scan, cheap seconds, naive seconds)."""
+    from steer.layer_scan import scan_skips
 
-    adapter = Adapter(model)
-    n = adapter.n_layers
-    seconds = {True: 0.0, False: 0.0}
-    base = _Tally()
-    tallies = {reuse: {k: _Tally() for k in range(n)} for reuse in (True, False)}
-    reference = []
-    for b, ids in enumerate(torch.split(blocks, batch_size)):
-        outputs: list = [None] * n
-        start = time.perf_counter()  # the cheap way's reference pass records every layer's output
-        with _recording(adapter.layers, outputs):
-            logits = _forward(model, ids)
-        reference.append(logits.max(-1).indices)
-        base.add(logits, ids, reference[-1])
-        seconds[True] += time.perf_counter() - start
-        start = time.perf_counter()  # the naive way's reference pass
-        _Tally().add(_forward(model, ids), ids, reference[-1])
-        seconds[False] += time.perf_counter() - start
-        for k in range(n):
-            for reuse in ((True, False) if (b + k) % 2 == 0 else (False, True)):
-                start = time.perf_counter()
-                with layer_ops(model, [LayerOp.skip(k)], replay=outputs[:k] if reuse else None):
-                    tallies[reuse][k].add(_forward(model, ids), ids, reference[-1])
-                seconds[reuse] += time.perf_counter() - start
-        print(f"batch {b + 1}: scan {seconds[True]:.1f}s, naive {seconds[False]:.1f}s so far", flush=True)
-
-    def score(k: int, tally) -> PlanScore:
-        return PlanScore((k,), tally.perplexity, tally.perplexity / base.perplexity - 1,
-                         tally.agree / tally.positions, (n - 1) / n)
-
-    base_score = PlanScore((), base.perplexity, 0.0, 1.0, 1.0)
-    scans = [Scan(base_score, {k: score(k, t) for k, t in tallies[reuse].items()}, reference) for reuse in (True, False)]
-    return scans[0], scans[1], seconds[True], seconds[False]
+    scans, seconds = {}, {True: math.inf, False: math.inf}
+    for r in range(rounds):
+        for reuse in ((True, False) if r % 2 == 0 else (False, True)):
+            start = time.perf_counter()
+            scans[reuse] = scan_skips(model, blocks, batch_size=batch_size, reuse=reuse)
+            seconds[reuse] = min(seconds[reuse], time.perf_counter() - start)
+        print(f"round {r + 1}/{rounds}: fastest scan {seconds[True]:.1f}s, naive {seconds[False]:.1f}s so far", flush=True)
+    return scans[True], scans[False], seconds[True], seconds[False]
 
 
 @torch.no_grad()
 def scan_bound(model, batch: torch.Tensor, repeats: int = 3) -> str:
     """The ratio the pass's parts allow: every candidate still pays the unembedding and scoring."""
     from steer import Adapter
-    from steer.layer_scan import _forward, _recording, _Tally
+    from steer.layer_scan import _forward, _Tally, recording
     from steer.layers import LayerOp, layer_ops
 
     adapter = Adapter(model)
     n = adapter.n_layers
     outputs: list = [None] * n
-    with _recording(adapter.layers, outputs):
+    with recording(adapter.layers, outputs):
         reference = _forward(model, batch).max(-1).indices
 
     def timed(fn) -> float:
@@ -110,7 +84,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a shared 2-core box)")
     parser.add_argument("--speed-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="paired decoding-speed runs")
+    parser.add_argument("--scan-rounds", type=int, default=3, help="timed scans each way (fastest kept)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -124,16 +99,16 @@ def main() -> None:
     with torch.no_grad():  # warm-up: the first passes pay one-time allocation costs
         for _ in range(2):
             model(blocks[: args.batch_size], use_cache=False)
-    first, naive, cheap_s, naive_s = timed_scans(model, blocks, args.batch_size)
+    first, naive, cheap_s, naive_s = timed_scans(model, blocks, args.batch_size, args.scan_rounds)
     base, singles = first.base, first.candidates
     worst_gap = max(abs(singles[k].perplexity / naive.candidates[k].perplexity - 1) for k in singles)
-    print(f"single-layer scan: {cheap_s:.1f}s cheap vs {naive_s:.1f}s naive; largest relative perplexity "
-          f"difference between the two {worst_gap:.1e}")
+    print(f"single-layer scan (fastest of {args.scan_rounds}): {cheap_s:.1f}s cheap vs {naive_s:.1f}s naive; "
+          f"largest relative perplexity difference between the two {worst_gap:.1e}")
     print(f"unmodified perplexity {base.perplexity:.3f}")
     print(f"{'skip':>5} {'ppl':>10} {'rise':>9} {'top1':>6}")
     for k, s in singles.items():
         print(f"{k:>5} {s.perplexity:>10.3f} {s.rise:>+9.1%} {s.agreement:>6.1%}")
-    best_single = min(singles.values(), key=lambda s: s.perplexity)
+    best_single = first.best()
 
     plans = greedy_plans(model, blocks, max_skips=2, first=first, batch_size=args.batch_size)
     pair = plans[1]

@@ -80,7 +80,7 @@ def _scan(args) -> int:
     # The whole depth even past the budget: the curve shows how fast quality falls.
     plans = greedy_plans(model, blocks, max_skips=args.max_skips, first=first, batch_size=args.batch_size)
     base, singles = first.base, first.candidates
-    best = min(singles.values(), key=lambda s: s.perplexity)
+    best = first.best()
     if args.speed_tokens > 0:
         # Every single skip runs the same n - 1 layers, so one of them stands for all (marked *).
         rows = [base] + list({id(r): r for r in (best, *plans)}.values())

@@ -13,7 +13,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +87,9 @@ def text_blocks(tokenizer, text: str, block: int = 256, max_tokens: int | None =
 
 
 @contextmanager
-def _recording(layers: Sequence[torch.nn.Module], store: list) -> Iterator[None]:
-    """Every position's output (what the next position reads) into ``store``."""
+def recording(layers: Sequence[torch.nn.Module], store: list) -> Iterator[None]:
+    """Every position's output, as the layer returned it (what the next position reads), into
+    ``store[i]`` while the block runs (the layer scan's replay and ``similarity.hidden_states``)."""
     def hook(i: int):
         def record(module, args, output):
             store[i] = output
@@ -107,10 +108,9 @@ def _forward(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def scan_skips(model, blocks: torch.Tensor, base: Sequence[int] = (), candidates: Sequence[int] | None = None,
-               batch_size: int = 4, reuse: bool = True, reference: list[torch.Tensor] | None = None,
-               baseline: float | None = None, progress: Callable[[str], None] | None = None) -> Scan:
-    """Score ``base + (k,)`` for every candidate layer ``k`` on ``blocks`` of token ids.
+def scan_skips(model, blocks: torch.Tensor, base: Sequence[int] = (), batch_size: int = 4, reuse: bool = True,
+               reference: list[torch.Tensor] | None = None, baseline: float | None = None) -> Scan:
+    """Score ``base + (k,)`` for every layer ``k`` not in ``base`` on ``blocks`` of token ids.
 
     ``reference``: the unmodified model's top-1 token per batch (computed when ``base`` is empty),
     ``baseline``: its perplexity; greedy steps reuse both from the single-layer scan.
@@ -122,14 +122,14 @@ def scan_skips(model, blocks: torch.Tensor, base: Sequence[int] = (), candidates
     if base and (reference is None or len(reference) != len(batches) or baseline is None):
         raise ValueError("scoring on top of a plan needs the unmodified model's top-1 tokens for every batch "
                          "and its perplexity (the single-layer scan's reference and base perplexity)")
-    candidates = [k for k in (range(n) if candidates is None else candidates) if k not in base]
+    candidates = [k for k in range(n) if k not in base]
     device = next(model.parameters()).device
     base_tally, tallies = _Tally(), {k: _Tally() for k in candidates}
     reference = [] if reference is None else list(reference)
     outputs: list = [None] * n
     for b, ids in enumerate(batches):
         ids = ids.to(device)
-        with _recording(adapter.layers, outputs), layer_ops(model, [LayerOp.skip(*base)] if base else []):
+        with recording(adapter.layers, outputs), layer_ops(model, [LayerOp.skip(*base)] if base else []):
             logits = _forward(model, ids)
         if b == len(reference):
             reference.append(logits.max(-1).indices)
@@ -139,8 +139,6 @@ def scan_skips(model, blocks: torch.Tensor, base: Sequence[int] = (), candidates
             plan = [LayerOp.skip(*sorted(base + (k,)))]
             with layer_ops(model, plan, replay=outputs[:k] if reuse else None):
                 tallies[k].add(_forward(model, ids), ids, reference[b])
-            if progress:
-                progress(f"batch {b + 1}/{len(batches)} layer {k}")
         outputs = [None] * n
     baseline = base_tally.perplexity if baseline is None else baseline
 
@@ -153,24 +151,23 @@ def scan_skips(model, blocks: torch.Tensor, base: Sequence[int] = (), candidates
                 reference)
 
 
-def greedy_plans(model, blocks: torch.Tensor, max_skips: int = 4, max_rise: float | None = None,
-                 first: Scan | None = None, batch_size: int = 4,
-                 progress: Callable[[str], None] | None = None) -> list[PlanScore]:
+def greedy_plans(model, blocks: torch.Tensor, max_skips: int = 4, first: Scan | None = None,
+                 batch_size: int = 4) -> list[PlanScore]:
     """Greedy search: each step adds the layer whose skip hurts perplexity least.
 
-    Returns the plan after each step (1..max_skips layers). Stops early once a step's best plan
-    is over ``max_rise`` (that plan is still returned, to show where the budget ends). ``first``:
-    the single-layer scan of the same ``blocks`` and ``batch_size``, when already done (step one).
+    Returns the plan after each step (1..max_skips layers, fewer if only one layer would be left).
+    ``first``: the single-layer scan of the same ``blocks`` and ``batch_size``, when already done
+    (step one).
     """
     if first is None:
-        first = scan_skips(model, blocks, batch_size=batch_size, progress=progress)
+        first = scan_skips(model, blocks, batch_size=batch_size)
     baseline = first.base.perplexity
     plans = [first.best()]
-    while len(plans) < max_skips and (max_rise is None or plans[-1].rise <= max_rise):
+    while len(plans) < max_skips:
         if len(plans[-1].skipped) >= Adapter(model).n_layers - 1:
             break
         step = scan_skips(model, blocks, base=plans[-1].skipped, batch_size=batch_size, reference=first.reference,
-                          baseline=baseline, progress=progress)
+                          baseline=baseline)
         plans.append(step.best())
     return plans
 
@@ -182,21 +179,18 @@ def within_budget(plans: Sequence[PlanScore], max_rise: float) -> PlanScore | No
 
 
 @torch.no_grad()
-def tokens_per_second(model, prompt: torch.Tensor, ops: Sequence[LayerOp] = (), new_tokens: int = 16,
-                      repeats: int = 1) -> float:
-    """Greedy decoding speed at batch 1 with ``ops`` applied (best of ``repeats``)."""
+def tokens_per_second(model, prompt: torch.Tensor, ops: Sequence[LayerOp] = (), new_tokens: int = 16) -> float:
+    """Greedy decoding speed at batch 1 with ``ops`` applied (one run)."""
     prompt = prompt.view(1, -1).to(next(model.parameters()).device)
-    best = math.inf
     pad = model.generation_config.pad_token_id
     pad = model.generation_config.eos_token_id if pad is None else pad
     pad = pad[0] if isinstance(pad, (list, tuple)) else pad
     with layer_ops(model, ops):
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-            best = min(best, time.perf_counter() - start)
-    return new_tokens / best
+        start = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        seconds = time.perf_counter() - start
+    return new_tokens / seconds
 
 
 def round_robin_speeds(model, prompt: torch.Tensor, plans: Sequence[Sequence[LayerOp]], new_tokens: int = 16,

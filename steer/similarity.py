@@ -11,21 +11,16 @@ residual stream):
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from .families import Adapter
+from .layer_scan import recording
 
-
-class Maps(Protocol):
-    """What the agreement needs from fitted maps (``generation.maps.LayerMaps`` is one)."""
-
-    def __contains__(self, layer: int) -> bool: ...
-
-    def apply(self, layer: int, hidden: torch.Tensor) -> torch.Tensor: ...
+if TYPE_CHECKING:
+    from generation.maps import LayerMaps
 
 
 @dataclass
@@ -39,32 +34,23 @@ class Similarity:
     heldout_tokens: int  # tokens behind the agreement
 
 
-@contextmanager
-def _layer_outputs(model) -> Iterator[dict[int, torch.Tensor]]:
-    store: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, layer in enumerate(Adapter(model).layers):
-        def hook(module, args, output, i=i):
-            store[i] = (output[0] if isinstance(output, tuple) else output).detach().float()
-        handles.append(layer.register_forward_hook(hook))
-    try:
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
+def _hidden(output) -> torch.Tensor:
+    """A recorded layer output as float (transformers < 5 layers return a tuple, hidden states first)."""
+    return (output[0] if isinstance(output, tuple) else output).detach().float()
 
 
 @torch.no_grad()
 def hidden_states(model, blocks: torch.Tensor, batch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Every layer's output ``(n_layers, tokens, d)`` and the model's top-1 token per position."""
     device = next(model.parameters()).device
-    n = Adapter(model).n_layers
+    adapter = Adapter(model)
+    store: list = [None] * adapter.n_layers
     hidden, top1 = [], []
-    with _layer_outputs(model) as store:
+    with recording(adapter.layers, store):
         for ids in torch.split(blocks, batch_size):
             logits = model(ids.to(device), use_cache=False).logits
             top1.append(logits.argmax(-1).flatten().cpu())
-            hidden.append(torch.stack([store[i].flatten(0, 1).cpu() for i in range(n)]))
+            hidden.append(torch.stack([_hidden(output).flatten(0, 1).cpu() for output in store]))
     return torch.cat(hidden, 1), torch.cat(top1)
 
 
@@ -93,21 +79,33 @@ def linear_cka(hidden: torch.Tensor, sample: int | None = 1024, seed: int = 0) -
 
 
 @torch.no_grad()
-def top1_agreement(model, hidden: torch.Tensor, final_top1: torch.Tensor, maps: Maps | None = None,
-                   chunk: int = 512) -> torch.Tensor:
-    """Per layer: share of positions whose top-1 token read from that layer equals the model's
-    (through ``maps`` for the layers it has, through the logit lens for the others)."""
+def _agreements(model, hidden: torch.Tensor, final_top1: torch.Tensor, readings: list[LayerMaps | None],
+                chunk: int = 512) -> torch.Tensor:
+    """``top1_agreement`` for every entry of ``readings`` (maps, or None for the logit lens) in one
+    pass: each chunk goes to the device once and the lens is read once per chunk."""
     adapter = Adapter(model)
     param = next(model.parameters())
-    agree = torch.zeros(hidden.shape[0], dtype=torch.long)
+    agree = torch.zeros(len(readings), hidden.shape[0], dtype=torch.long)
     for layer in range(hidden.shape[0]):
         for start in range(0, hidden.shape[1], chunk):
             h = hidden[layer, start:start + chunk].to(param.device, param.dtype)
-            if maps is not None and layer in maps:
-                h = maps.apply(layer, h)
-            top1 = adapter.readout(h).argmax(-1).cpu()
-            agree[layer] += int((top1 == final_top1[start:start + chunk]).sum())
+            target = final_top1[start:start + chunk]
+            lens = None
+            for r, maps in enumerate(readings):
+                if maps is not None and layer in maps:
+                    top1 = adapter.readout(maps.apply(layer, h)).argmax(-1).cpu()
+                else:
+                    lens = adapter.readout(h).argmax(-1).cpu() if lens is None else lens
+                    top1 = lens
+                agree[r, layer] += int((top1 == target).sum())
     return agree.double() / hidden.shape[1]
+
+
+def top1_agreement(model, hidden: torch.Tensor, final_top1: torch.Tensor, maps: LayerMaps | None = None,
+                   chunk: int = 512) -> torch.Tensor:
+    """Per layer: share of positions whose top-1 token read from that layer equals the model's
+    (through ``maps`` for the layers it has, through the logit lens for the others)."""
+    return _agreements(model, hidden, final_top1, [maps], chunk)[0]
 
 
 def fit_maps(hidden: torch.Tensor):
@@ -131,12 +129,13 @@ def analyze(model, blocks: torch.Tensor, cka_tokens: int | None = 1024, batch_si
     hidden, top1 = hidden_states(model, blocks, batch_size)
     cosine = cosine_matrix(hidden)
     cka = linear_cka(hidden, cka_tokens)
-    mapped = None
-    if with_maps:
-        split = (blocks.shape[0] + 1) // 2 * blocks.shape[1]
-        maps = fit_maps(hidden[:, :split])
-        hidden, top1 = hidden[:, split:], top1[split:]
-        mapped = top1_agreement(model, hidden, top1, maps)
-    lens = top1_agreement(model, hidden, top1)
-    used = min(cka_tokens or hidden.shape[1], blocks.numel())
+    # What linear_cka sampled: every token when cka_tokens is None or at least their number.
+    used = hidden.shape[1] if cka_tokens is None else min(cka_tokens, hidden.shape[1])
+    if not with_maps:
+        lens = top1_agreement(model, hidden, top1)
+        return Similarity(cosine, cka, lens, None, blocks.numel(), used, hidden.shape[1])
+    split = (blocks.shape[0] + 1) // 2 * blocks.shape[1]
+    maps = fit_maps(hidden[:, :split])
+    hidden, top1 = hidden[:, split:], top1[split:]
+    mapped, lens = _agreements(model, hidden, top1, [maps, None])
     return Similarity(cosine, cka, lens, mapped, blocks.numel(), used, hidden.shape[1])

@@ -21,10 +21,13 @@ TINY_CONFIGS = {
 }
 
 
-def tiny_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A random, tiny ``*ForCausalLM`` of ``model_type`` in eval mode (float32)."""
+def tiny_model(model_type: str, seed: int = 0, layers: int | None = None, **overrides) -> torch.nn.Module:
+    """A random, tiny ``*ForCausalLM`` of ``model_type`` in eval mode (float32); ``layers``: its
+    number of decoder layers (``n_layer`` for gpt2, ``num_hidden_layers`` for the others)."""
     torch.manual_seed(seed)
     kwargs = dict(TINY_CONFIGS[model_type], vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if layers is not None:
+        kwargs["n_layer" if model_type == "gpt2" else "num_hidden_layers"] = layers
     kwargs.update(overrides)
     config = AutoConfig.for_model(model_type, **kwargs)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -56,9 +59,10 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="w2", pad_token="w0", unk_token="[UNK]")
 
 
-def save_tiny(folder, model_type: str = "llama", seed: int = 0):
-    """Save a tiny model and its tokenizer to ``folder`` (loadable with ``load_model(folder)``)."""
-    model = tiny_model(model_type, seed)
+def save_tiny(folder, model_type: str = "llama", seed: int = 0, **overrides):
+    """Save a tiny model (``overrides`` as for :func:`tiny_model`) and its tokenizer to ``folder``
+    (loadable with ``load_model(folder)``)."""
+    model = tiny_model(model_type, seed, **overrides)
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder

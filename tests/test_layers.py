@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def four_layers(model_type: str, seed: int = 0):
-    return tiny_model(model_type, seed, **{"n_layer" if model_type == "gpt2" else "num_hidden_layers": 4})
+    return tiny_model(model_type, seed, layers=4)
 
 
 def rebuild(model, order: list[int]):

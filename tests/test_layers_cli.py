@@ -6,7 +6,7 @@ import csv
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import save_tiny
 from steer import Spec, load_model
 from steer.cli import main
 from steer.layer_scan import scan_skips, text_blocks
@@ -19,8 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("layers_cli")
-    tiny_model("llama", seed=5, num_hidden_layers=4).save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
+    save_tiny(root / "model", "llama", seed=5, layers=4)
     words = torch.randint(3, 95, (200,), generator=torch.Generator().manual_seed(0))
     (root / "text.txt").write_text(" ".join(f"w{int(i)}" for i in words))
     return root

@@ -26,7 +26,7 @@ def perplexity_of(model, ids, skipped=()):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2"])
 def test_scan_equals_naive_and_plain_forward(family):
-    model = tiny_model(family, **{"n_layer" if family == "gpt2" else "num_hidden_layers": 5})
+    model = tiny_model(family, layers=5)
     ids = random_blocks(5, 12)
     cheap = scan_skips(model, ids, batch_size=2)
     naive = scan_skips(model, ids, batch_size=2, reuse=False)
@@ -45,7 +45,7 @@ def test_scan_equals_naive_and_plain_forward(family):
 
 
 def test_greedy_steps_equal_naive_pairs():
-    model = tiny_model("llama", num_hidden_layers=5, seed=3)
+    model = tiny_model("llama", seed=3, layers=5)
     ids = random_blocks(5, 12, seed=1)
     plans = greedy_plans(model, ids, max_skips=3, batch_size=3)
     assert [len(p.skipped) for p in plans] == [1, 2, 3]
@@ -76,7 +76,7 @@ def test_budget_picks_the_most_skips_within_it():
 
 
 def test_speed_is_measured_with_the_ops_applied():
-    model = tiny_model("llama", num_hidden_layers=4)
+    model = tiny_model("llama", layers=4)
     prompt = random_blocks(1, 6)
     calls = []
     handle = model.model.layers[2].register_forward_pre_hook(lambda *a: calls.append(1))

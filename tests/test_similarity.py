@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_hidden_states_are_the_layer_outputs(family):
-    model = tiny_model(family, **{"n_layer" if family == "gpt2" else "num_hidden_layers": 3})
+    model = tiny_model(family, layers=3)
     ids = random_blocks(2, 16)
     hidden, top1 = hidden_states(model, ids, batch_size=1)
     with torch.no_grad():
@@ -62,7 +62,7 @@ def test_linear_cka_matches_the_hsic_formula_and_its_invariances():
 def test_agreement_lens_maps_and_split():
     from generation.maps import LayerMaps
 
-    model = tiny_model("llama", num_hidden_layers=3, seed=4)
+    model = tiny_model("llama", seed=4, layers=3)
     ids = random_blocks(4, 16)
     hidden, top1 = hidden_states(model, ids)
     lens = top1_agreement(model, hidden, top1, chunk=7)
@@ -83,5 +83,7 @@ def test_agreement_lens_maps_and_split():
     assert maps.layers == [0, 1]
     assert torch.equal(result.mapped, top1_agreement(model, held_hidden, held_top1, maps))
     assert torch.allclose(result.cosine, cosine_matrix(hidden))
+    whole = analyze(model, ids, cka_tokens=None, batch_size=3)  # CKA on every token, not just the held-out half
+    assert whole.cka_tokens == 320 and whole.heldout_tokens == 160
     with pytest.raises(ValueError, match="at least two blocks"):
         analyze(model, ids[:1])
