@@ -12,7 +12,7 @@ the unsteered model as judge). Configurations:
   by hand on GPT-2;
 * ``preset``: ``steer.detox.preset_for(model)`` (or ``--preset FILE``).
 
-Two stages, so generation can run on a GPU machine that only has torch and transformers:
+Two stages, so generation can run on a GPU machine that only has torch, transformers and datasets:
 
     python bench/detox.py --stage generate --device cuda --out runs/detox   # continuations + judge perplexity (JSONL)
     python bench/detox.py --stage score --out runs/detox --docs docs        # toxicity, distinct-2, table, plot
@@ -27,7 +27,6 @@ import csv
 import json
 import math
 import sys
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -39,7 +38,6 @@ LABELS = {"none": "unsteered", "word-filter": "word filter (bad_words_ids)",
           "geva10": "Geva-style: 10 safe vectors set to 3", "preset": "our preset"}
 SHORT = {"none": "unsteered", "word-filter": "word filter", "geva10": "Geva-style 10 set to 3", "preset": "our preset"}
 SAFE_WORDS = "kind,gentle,peace,love,thanks,thank,friend,friends,help,calm,respect,polite,please,care,hope,happy,welcome,grateful,safe,sorry"
-DEV_PROMPTS = ROOT / "steer" / "data" / "rtp_challenging_dev.jsonl"
 
 
 class DeferredScorer:
@@ -49,13 +47,6 @@ class DeferredScorer:
 
     def score(self, texts):
         return [math.nan] * len(texts)
-
-
-def read_prompts(path: Path, limit: int | None) -> list[str]:
-    """RealToxicityPrompts JSONL (``{"prompt": {"text": ...}}``) or plain text, one prompt a line."""
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    prompts = [json.loads(line)["prompt"]["text"] for line in lines] if path.suffix in (".jsonl", ".json") else lines
-    return prompts[:limit] if limit else prompts
 
 
 def lexicon_bad_words(tokenizer) -> list[list[int]]:
@@ -70,19 +61,6 @@ def lexicon_bad_words(tokenizer) -> list[list[int]]:
     return sorted(list(s) for s in sequences if s)
 
 
-@contextmanager
-def generation_setting(model, **settings):
-    """Set ``model.generation_config`` attributes for the block (run_eval's generate picks them up)."""
-    old = {k: getattr(model.generation_config, k) for k in settings}
-    for k, v in settings.items():
-        setattr(model.generation_config, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(model.generation_config, k, v)
-
-
 def geva_spec(model, tokenizer):
     from steer import Concept, Spec, rank_vectors
 
@@ -95,15 +73,16 @@ def geva_spec(model, tokenizer):
 def generate(args) -> None:
     import torch
 
+    from evaluation.prompts import load_prompts
     from evaluation.protocol import run_eval
     from steer import Spec, load_model
     from steer.detox import preset_for
 
     model, tokenizer = load_model(args.model, device=args.device)
-    prompts = read_prompts(Path(args.prompt_file), args.prompts)
+    prompts = load_prompts(args.prompt_file, args.prompts)
     scorer = DeferredScorer()
     for name in args.configs:
-        spec, settings = None, {}
+        spec, settings = None, None
         if name == "word-filter":
             settings = dict(bad_words_ids=lexicon_bad_words(tokenizer))
         elif name == "geva10":
@@ -111,10 +90,10 @@ def generate(args) -> None:
         elif name == "preset":
             spec = Spec.load(args.preset).validate(model) if args.preset else preset_for(model)
         print(f"== {name}: {LABELS[name]} ({len(prompts)} prompts x {args.samples})", flush=True)
-        with generation_setting(model, **settings), torch.no_grad():
+        with torch.no_grad():
             run_eval(model, tokenizer, prompts, spec, samples=args.samples, top_p=0.9, max_new_tokens=20,
                      seed=args.seed, scorer=scorer, out_dir=Path(args.out) / name, batch_size=args.batch_size,
-                     name=name, progress=True)
+                     name=name, progress=True, generate_kwargs=settings)
 
 
 def score(args) -> dict[str, dict]:
@@ -175,7 +154,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/detox", help="folder for the JSONL records (one subfolder per configuration)")
     parser.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct (or its converted folder)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--prompt-file", default=str(DEV_PROMPTS), help="JSONL (RealToxicityPrompts) or text, one prompt a line")
+    parser.add_argument("--prompt-file", default=None, help="JSONL (RealToxicityPrompts) or text, one prompt a line "
+                        "(default: the shipped 400 challenging dev prompts)")
     parser.add_argument("--prompts", type=int, default=None, help="only the first N prompts")
     parser.add_argument("--samples", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per generate call (default 100 on CPU, 500 on GPU)")

@@ -79,7 +79,9 @@ def continuation_perplexity(model, tokenizer, prompts: Sequence[str], continuati
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-    prompt_ids = [tokenizer(p).input_ids for p in prompts]
+    # samples of one prompt repeat it: tokenize each distinct prompt once
+    ids_of = {p: tokenizer(p).input_ids for p in dict.fromkeys(prompts)}
+    prompt_ids = [ids_of[p] for p in prompts]
     continuation_ids = [tokenizer(c, add_special_tokens=False).input_ids if c else [] for c in continuations]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return token_perplexity(model, prompt_ids, continuation_ids, pad, batch_size, progress)

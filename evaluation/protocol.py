@@ -17,6 +17,7 @@ wait for each other and read the merged records from the run folder).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -32,7 +33,7 @@ from steer.spec import Spec
 from steer.steering import steering
 
 from .diversity import distinct_n
-from .perplexity import LogProbRecorder, continuation_perplexity, token_perplexity
+from .perplexity import LogProbRecorder, _positions, continuation_perplexity, token_perplexity
 from .store import RunStore
 from .toxicity import ToxicityScorer, get_toxicity_scorer
 
@@ -81,7 +82,7 @@ def generate_samples(model, enc, samples: int, share_prefill: bool = True, recor
 
     cache = DynamicCache(config=model.config)
     head = mask[:, :-1]
-    model(input_ids=ids[:, :-1], attention_mask=head, position_ids=(head.cumsum(-1) - 1).clamp(min=0),
+    model(input_ids=ids[:, :-1], attention_mask=head, position_ids=_positions(head),
           past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(samples)
     with recorder:
@@ -155,7 +156,8 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
              samples: int = 25, top_p: float = 0.9, max_new_tokens: int = 20, seed: int = 0,
              scorer: ToxicityScorer | str | None = None, judge: tuple | None = None,
              early_exit: tuple | None = None, out_dir: str | os.PathLike | None = None,
-             batch_size: int = 64, name: str | None = None, progress: bool = True) -> dict[str, Any]:
+             batch_size: int = 64, name: str | None = None, progress: bool = True,
+             generate_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the protocol (see module docstring) and return its summary.
 
     ``spec``: a Spec applied with ``steer.steering`` (None: unsteered). ``judge``: (model,
@@ -163,12 +165,19 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
     sampled token ids; another judge re-tokenizes the text). ``early_exit``:
     (exit model or path, threshold) for ``generation.early_exit``. ``batch_size``: sequences per
     ``generate`` call (prompts per call = batch_size // samples, at least 1). ``out_dir``: run
-    folder; rerunning with the same folder resumes. Keys of the result: emt, emt_std, tox_prob,
-    perplexity, distinct_1..3, tokens_per_s, scorer, n_prompts, samples, and a few more.
+    folder; rerunning with the same folder resumes. ``generate_kwargs``: more keyword arguments
+    for ``generate`` (e.g. ``bad_words_ids``), on top of the sampling settings (which they may not
+    override); when given, the run folder's config records a digest of them. Keys of the result:
+    emt, emt_std, tox_prob, perplexity, distinct_1..3, tokens_per_s, scorer, n_prompts, samples,
+    and a few more.
     """
     if samples < 1 or max_new_tokens < 1 or not 0 < top_p <= 1 or batch_size < 1:
         raise ValueError("samples, max_new_tokens and batch_size must be >= 1 and top_p in (0, 1]")
     rows = _rows(prompts)
+    extra_kwargs = dict(generate_kwargs or {})
+    clash = sorted(set(extra_kwargs) & set(sampling_kwargs(tokenizer, top_p, max_new_tokens)))
+    if clash:
+        raise ValueError(f"generate_kwargs may not override the sampling settings ({', '.join(clash)})")
     scorer = get_toxicity_scorer(scorer) if scorer is None or isinstance(scorer, str) else scorer
     if judge is not None and judge[0] is model:
         judge = None
@@ -187,14 +196,17 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
     config = dict(info, spec=spec.to_dict() if spec is not None else None, prompts_per_batch=per_batch,
                   prompts_sha1=hashlib.sha1("\n".join(texts).encode()).hexdigest(), n_prompts=len(rows))
     config.pop("name")
+    if extra_kwargs:  # only when given, so folders of runs without them still match and resume
+        config["generate_kwargs_sha1"] = hashlib.sha1(
+            json.dumps(extra_kwargs, sort_keys=True, default=repr).encode()).hexdigest()
     store = RunStore(out_dir, config, rank) if out_dir is not None else None
     done = store.batches() if store else {}
     mine = [b for b in range(len(batches)) if b % world == rank]
     todo = [b for b in mine if b not in done]
     device = next(model.parameters()).device
-    kwargs = sampling_kwargs(tokenizer, top_p, max_new_tokens)
+    kwargs = {**sampling_kwargs(tokenizer, top_p, max_new_tokens), **extra_kwargs}
     # layer ops add cache slots and early exit owns the decoding loop: let generate do it all there
-    share = early_exit is None and not (spec is not None and getattr(spec, "layers", ()))
+    share = early_exit is None and not (spec is not None and spec.layers)
     eos = model.generation_config.eos_token_id
     results = dict(done)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=info["name"], unit="batch",
@@ -220,9 +232,10 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
         if isinstance(recorder, LogProbRecorder):
             perplexity = recorder.perplexity(new, text_lengths)
         elif judge is None:  # the model itself, unsteered: score the sampled ids
-            prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+            prompt_ids = [[t for t, m in zip(ids, mask) if m]
+                          for ids, mask in zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist())]
             perplexity = token_perplexity(model, [prompt_ids[k // samples] for k in range(len(new))],
-                                          [row[:n].tolist() for row, n in zip(new, text_lengths)],
+                                          [row[:n] for row, n in zip(new.tolist(), text_lengths)],
                                           tokenizer.pad_token_id or 0, batch_size)
         else:  # another model: its own tokenization of the text
             perplexity = continuation_perplexity(judge_model, judge_tokenizer,

@@ -157,12 +157,8 @@ def with_strength(spec: Spec, strength: float) -> Spec:
     """
     if strength == 1:
         return spec
-    maps: dict[tuple[int, int], list[float]] = {}
-    for e in spec.edits:
-        m, c = maps.setdefault((e.layer, e.index), [1.0, 0.0])
-        maps[(e.layer, e.index)] = {"scale": [m * e.value, c * e.value], "set": [0.0, e.value], "add": [m, c + e.value]}[e.op]
     edits = []
-    for (layer, index), (m, c) in maps.items():
+    for (layer, index), (m, c) in spec.affine().items():
         edits.append(Edit(layer, index, "scale", 1 + strength * (m - 1)))
         if c:
             edits.append(Edit(layer, index, "add", strength * c))
@@ -211,10 +207,8 @@ def resolve_intervention(model, intervention: str) -> Spec | None:
     if intervention == "none":
         return None
     if intervention == "preset":
-        try:
-            from steer.detox import preset_for
-        except ImportError:
-            raise ValueError("--intervention preset needs steer.detox, which this install does not have") from None
+        from steer.detox import preset_for
+
         return preset_for(model)
     if not Path(intervention).exists():
         raise FileNotFoundError(f"intervention {intervention!r} is not none, preset or an existing spec file")
