@@ -21,9 +21,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+from steer.models import position_ids
 
 
 @torch.no_grad()
@@ -57,12 +55,12 @@ def token_perplexity(model, prompt_ids: Sequence[Sequence[int]], continuation_id
             c_mask[i, :len(ids)] = 1
         prompt, p_mask, cont, c_mask = (t.to(device) for t in (prompt, p_mask, cont, c_mask))
 
-        first = model(input_ids=prompt, attention_mask=p_mask, position_ids=_positions(p_mask),
+        first = model(input_ids=prompt, attention_mask=p_mask, position_ids=position_ids(p_mask),
                       use_cache=True, logits_to_keep=1)
         cache = first.past_key_values
         cache.reorder_cache(row_of)  # one cache row per continuation
         mask = torch.cat([p_mask[row_of], c_mask], dim=1)
-        rest = model(input_ids=cont, attention_mask=mask, position_ids=_positions(mask)[:, width:],
+        rest = model(input_ids=cont, attention_mask=mask, position_ids=position_ids(mask)[:, width:],
                      past_key_values=cache, use_cache=False)
         # the logits predicting continuation token j: the prompt's last position for j=0, else j-1
         logits = torch.cat([first.logits[row_of, -1:], rest.logits[:, :-1]], dim=1).float()

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from steer.models import model_name
+from steer.models import model_name, position_ids
 from steer.spec import Spec
 from steer.steering import steering
 
 from .diversity import distinct_n
-from .perplexity import LogProbRecorder, _positions, continuation_perplexity, token_perplexity
+from .perplexity import LogProbRecorder, continuation_perplexity, token_perplexity
 from .store import RunStore
 from .toxicity import ToxicityScorer, get_toxicity_scorer
 
@@ -82,7 +82,7 @@ def generate_samples(model, enc, samples: int, share_prefill: bool = True, recor
 
     cache = DynamicCache(config=model.config)
     head = mask[:, :-1]
-    model(input_ids=ids[:, :-1], attention_mask=head, position_ids=_positions(head),
+    model(input_ids=ids[:, :-1], attention_mask=head, position_ids=position_ids(head),
           past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(samples)
     with recorder:

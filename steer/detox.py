@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import torch
 
 from .families import Adapter
-from .models import model_name
+from .models import model_name, position_ids
 from .spec import ModelShape, Spec, SpecError
 
 PRESET_DIR = "data/presets"
@@ -183,6 +183,12 @@ def mark_toxic(samples: list[Sample], tokenizer, score: Callable[[list[str]], li
     return found
 
 
+def _last_logits(model, enc) -> torch.Tensor:
+    """Next-token logits after each left-padded prompt of ``enc`` (float32)."""
+    return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                 position_ids=position_ids(enc["attention_mask"]), logits_to_keep=1).logits[:, -1].float()
+
+
 @torch.no_grad()
 def forced_samples(model, tokenizer, prompts: Sequence[str], words: Sequence[str], per_prompt: int = 6,
                    batch_size: int = 32) -> list[Sample]:
@@ -200,7 +206,7 @@ def forced_samples(model, tokenizer, prompts: Sequence[str], words: Sequence[str
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         enc = tokenizer(chunk, return_tensors="pt", padding=True).to(device)  # left padded: prompts end together
-        logp = torch.log_softmax(model(**enc).logits[:, -1].float(), -1).cpu()[:, first]
+        logp = torch.log_softmax(_last_logits(model, enc), -1).cpu()[:, first]
         for prompt, scores in zip(chunk, logp):
             prompt_ids = tokenizer(prompt).input_ids
             for i in scores.topk(min(2 * per_prompt, len(words))).indices.tolist():
@@ -585,9 +591,9 @@ def next_token_effect(model, tokenizer, spec: Spec, prompts: Sequence[str], top:
 
     device = next(model.parameters()).device
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)  # left padded: prompts end together
-    base = torch.softmax(model(**enc).logits[:, -1].float(), -1).mean(0)
+    base = torch.softmax(_last_logits(model, enc), -1).mean(0)
     with steering(model, spec):
-        steered = torch.softmax(model(**enc).logits[:, -1].float(), -1).mean(0)
+        steered = torch.softmax(_last_logits(model, enc), -1).mean(0)
     change = (steered.clamp_min(1e-12) / base).log().masked_fill(base < min_probability, float("nan"))
     valid = (~change.isnan()).nonzero()[:, 0]
     order = change[valid].argsort()

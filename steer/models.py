@@ -143,3 +143,9 @@ def weights_digest(header: str, tensors) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding (transformers counts from the first column, pad or not;
+    that matters for absolute position embeddings, GPT-2's)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
