@@ -18,7 +18,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +52,8 @@ def prepare(model, tokenizer, text: str, exit_model: ExitModel, max_tokens: int 
         raise ValueError(f"the held-out text is too short: it has fewer than {chunk} tokens")
     records = record(model, chunks, exit_model.check_layers)
     correct, top_prob = mapped_top(model, records, exit_model.maps)
-    with torch.no_grad():
-        logits = np.stack([exit_model.log_odds(torch.from_numpy(records.features(j, exit_model.feature_set)), j).numpy()
-                           for j in range(len(records.layers))], 1)
+    logits = np.stack([exit_model.log_odds(torch.from_numpy(records.features(j, exit_model.feature_set)), j).numpy()
+                       for j in range(len(records.layers))], 1)
     return Heldout(records, chunks, correct, top_prob, logits)
 
 
@@ -80,16 +79,18 @@ def threshold_for(points: list[tuple[float, float, float]], agreement: float = 0
 
 @torch.no_grad()
 def teacher_forced(model, held: Heldout, exit_model: ExitModel, rule: str, threshold: float,
-                   max_chunks: int | None = None) -> dict:
+                   max_chunks: int | None = None, propagate: str = "defer", prompt_positions: int = 0) -> dict:
     """Real early exit over held-out chunks (positions="all"): agreement, saved, perplexity change.
 
     ``saved`` is what the positions' exits skip (``wanted_saved_fraction``): token-by-token decoding
-    skips exactly that; one parallel pass computes a layer while any position still needs it."""
+    skips exactly that; one parallel pass computes a layer while any position still needs it.
+    ``propagate`` and ``prompt_positions`` are :func:`early_exit`'s."""
     device = next(model.parameters()).device
     chunks = held.chunks[:max_chunks] if max_chunks else held.chunks
     n = sum(c.shape[1] for c in chunks)
     agree, nll = [], []
-    with early_exit(model, exit_model, threshold, rule=rule, positions="all") as stats:
+    with early_exit(model, exit_model, threshold, rule=rule, positions="all", propagate=propagate,
+                    prompt_positions=prompt_positions) as stats:
         for ids in chunks:
             logits = model(ids.to(device), use_cache=False).logits[0].float()
             agree.append(logits.argmax(-1).cpu())
@@ -195,23 +196,9 @@ def propagation_study(model, held: Heldout, exit_model: ExitModel, threshold: fl
     saved, agree = outcome(exits, held.correct[:n], held.records.layers, n_layers)
     out = {"exact": {"saved": saved, "agreement": agree}}
     for scheme in ("recompute", "hidden", "mapped"):
-        out[scheme] = _teacher_forced_scheme(model, held, exit_model, threshold, max_chunks, scheme)
+        tf = teacher_forced(model, held, exit_model, "classifier", threshold, max_chunks, scheme, prompt_positions=1)
+        out[scheme] = {key: tf[key] for key in ("saved", "agreement", "perplexity")}
     return out
-
-
-def _teacher_forced_scheme(model, held, exit_model, threshold, max_chunks, propagate, prompt_positions=1) -> dict:
-    device = next(model.parameters()).device
-    chunks = held.chunks[:max_chunks]
-    n = sum(c.shape[1] for c in chunks)
-    top, nll = [], []
-    with early_exit(model, exit_model, threshold, positions="all", propagate=propagate,
-                    prompt_positions=prompt_positions) as stats:
-        for ids in chunks:
-            logits = model(ids.to(device), use_cache=False).logits[0].float()
-            top.append(logits.argmax(-1).cpu())
-            nll.append(-logits.log_softmax(-1)[:-1].gather(1, ids[0, 1:].to(device)[:, None])[:, 0].cpu())
-    return {"saved": stats.wanted_saved_fraction, "agreement": float((torch.cat(top) == held.records.top1[:n]).float().mean()),
-            "perplexity": math.exp(float(torch.cat(nll).mean()))}
 
 
 @torch.no_grad()
@@ -276,7 +263,6 @@ class Report:
     plain_tokens_per_s: float
     perplexity_full: float
     tokens: int
-    extra: dict = field(default_factory=dict)
 
     def table(self) -> str:
         head = (f"{'rule':<11}{'thresh':>7}{'saved':>8}{'agree':>8}{'saved*':>8}{'agree*':>8}"

@@ -19,7 +19,7 @@ from steer.models import weights_digest
 
 from .maps import LayerMaps
 from .probe import Probe
-from .rules import ClassifierRule, ConfidenceRule, ExitRule, check_threshold
+from .rules import ClassifierRule, ConfidenceRule, ExitRule
 
 FORMAT = 1
 RULES = ("classifier", "confidence")
@@ -71,15 +71,15 @@ class ExitModel:
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise a clear error if ``model`` is not the model this exit model was fitted for."""
         adapter = Adapter(model)
-        mine = f"{self.model_name!r} ({self.n_layers} layers, fingerprint {self.fingerprint})"
-        theirs = f"{model_name(model)!r} ({adapter.n_layers} layers, fingerprint {fingerprint(model)})"
-        if adapter.n_layers != self.n_layers or fingerprint(model) != self.fingerprint:
+        found = fingerprint(model)
+        if adapter.n_layers != self.n_layers or found != self.fingerprint:
+            mine = f"{self.model_name!r} ({self.n_layers} layers, fingerprint {self.fingerprint})"
+            theirs = f"{model_name(model)!r} ({adapter.n_layers} layers, fingerprint {found})"
             raise ValueError(f"this exit model was fitted for {mine}, not for {theirs}: "
                              "fit one for this model with `steer early-exit fit`")
 
     def rule(self, name: str | None, threshold: float, readout=None) -> ExitRule:
-        """The named rule (default: the classifier) at ``threshold`` in [0, 1]."""
-        threshold = check_threshold(threshold)
+        """The named rule (default: the classifier) at ``threshold`` in [0, 1] (each rule checks it)."""
         name = name or "classifier"
         if name == "classifier":
             return ClassifierRule(self.check_layers, self.weight, self.bias, self.n_layers, threshold, self.feature_set,

@@ -42,12 +42,8 @@ def scalar_features(h_in: torch.Tensor, h_out: torch.Tensor, coef: torch.Tensor,
 
 
 def direction(h_out: torch.Tensor) -> torch.Tensor:
-    return h_out.float() / h_out.float().norm(dim=-1, keepdim=True).clamp_min(_EPS)
-
-
-def features(h_in: torch.Tensor, h_out: torch.Tensor, coef: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """``(..., 6 + d_model)``: the scalars, then the unit direction of ``h_out`` (the ``"ffn"`` set)."""
-    return torch.cat([scalar_features(h_in, h_out, coef, update), direction(h_out)], dim=-1)
+    """``h_out / |h_out|`` in float32 (the ``"ffn"`` set puts the scalars in front of it)."""
+    return torch.nn.functional.normalize(h_out.float(), dim=-1, eps=_EPS)
 
 
 def check_feature_set(name: str) -> str:

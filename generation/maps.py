@@ -70,7 +70,6 @@ class MapFitter:
         self.d_model, self.ridge = d_model, ridge
         self._xtx: dict[int, torch.Tensor] = {}
         self._xty: dict[int, torch.Tensor] = {}
-        self.count: dict[int, int] = {}
 
     def add(self, layer: int, source: torch.Tensor, target: torch.Tensor) -> None:
         """Add rows: ``source`` is ``layer``'s output, ``target`` the last layer's, both ``(n, d)``."""
@@ -80,10 +79,8 @@ class MapFitter:
         if layer not in self._xtx:
             self._xtx[layer] = torch.zeros(self.d_model + 1, self.d_model + 1, dtype=torch.float64, device=x.device)
             self._xty[layer] = torch.zeros(self.d_model + 1, self.d_model, dtype=torch.float64, device=x.device)
-            self.count[layer] = 0
         self._xtx[layer] += x.T @ x
         self._xty[layer] += x.T @ y
-        self.count[layer] += x.shape[0]
 
     def merge(self, other: "MapFitter") -> "MapFitter":
         """Add ``other``'s rows to this fitter (e.g. two folds into one); returns self."""
@@ -91,10 +88,8 @@ class MapFitter:
             if layer in self._xtx:
                 self._xtx[layer] += xtx
                 self._xty[layer] += other._xty[layer]
-                self.count[layer] += other.count[layer]
             else:
                 self._xtx[layer], self._xty[layer] = xtx.clone(), other._xty[layer].clone()
-                self.count[layer] = other.count[layer]
         return self
 
     def solve(self) -> LayerMaps:

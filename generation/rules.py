@@ -1,9 +1,9 @@
 """Exit rules: after a check layer, decide per row whether the rest of the layers can be skipped.
 
 Each rule has ``layers`` (where it is asked), ``needs_ffn`` (whether the runtime must capture
-the FFN coefficients and update there), ``start(shape, device)`` (a new forward begins) and
-``decide(layer, h_in, h_out, ffn) -> bool tensor over h_out.shape[:-1]``. A threshold of 1
-never exits, 0 exits at the first check layer.
+the FFN coefficients and update there) and ``decide(layer, h_in, h_out, ffn) -> bool tensor
+over h_out.shape[:-1]``. A threshold of 1 never exits, 0 exits at the first check layer; each
+rule's constructor checks that it is in [0, 1].
 
 * :class:`ClassifierRule` (ours): a small MLP on cheap features (:mod:`generation.features`,
   :mod:`generation.probe`; or a linear probe) estimates ``p`` = P(the mapped top-1 here equals the full
@@ -31,9 +31,6 @@ class ExitRule:
 
     layers: tuple[int, ...] = ()
     needs_ffn: bool = False
-
-    def start(self, shape: torch.Size, device: torch.device) -> None:
-        """Called once per forward that makes exit decisions."""
 
     def decide(self, layer: int, h_in: torch.Tensor, h_out: torch.Tensor,
                ffn: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:

@@ -85,10 +85,6 @@ class ExitStats:
         wanted = sum((self.n_layers - 1 - layer) * n for layer, n in self.exit_layers.items())
         return wanted / (self.tokens * self.n_layers)
 
-    @property
-    def mean_exit_layer(self) -> float:
-        return sum(layer * n for layer, n in self.exit_layers.items()) / max(self.tokens, 1)
-
 
 @dataclass(eq=False)
 class _Pending:
@@ -193,8 +189,6 @@ class _Controller:
         self.deciding = hidden is not None and (self.positions == "all" or hidden.shape[1] == 1)
         if hidden is None:
             return
-        if self.deciding:
-            self.rule.start(hidden.shape[:-1], hidden.device)
         if self.propagate != "defer" or self.positions != "last":
             return
         cache = _find_cache(args, kwargs)
