@@ -1,5 +1,5 @@
 """steer: edit what a transformer's feed-forward layers write, while it generates."""
-from .concepts import Concept, RankedVector, concept_scores, rank_vectors, toxicity_words
+from .concepts import Concept, ConceptScorer, RankedVector, concept_scores, rank_vectors, toxicity_words
 from .families import FAMILIES, Adapter, Family, UnsupportedModelError, family_of
 from .models import load_model, model_name
 from .names import VectorName
@@ -8,7 +8,7 @@ from .steering import SteeringProcessor, steering
 from .vocab import VocabIndex
 
 __all__ = [
-    "Adapter", "Concept", "Edit", "FAMILIES", "Family", "RankedVector", "Spec", "SpecError",
+    "Adapter", "Concept", "ConceptScorer", "Edit", "FAMILIES", "Family", "RankedVector", "Spec", "SpecError",
     "SteeringProcessor", "UnsupportedModelError", "VectorName", "VocabIndex", "concept_scores",
     "family_of", "load_model", "model_name", "rank_vectors", "steering", "toxicity_words",
 ]

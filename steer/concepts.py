@@ -147,33 +147,47 @@ class RankedVector:
     top_tokens: list[str]
 
 
-@torch.no_grad()
-def concept_scores(model, concept: Concept, through_norm: bool = False, negative: bool = False) -> torch.Tensor:
-    """``(n_layers, d_ff)`` mean z-score of the concept tokens in every value vector's projection.
+class ConceptScorer:
+    """Scores concepts against every value vector; the concept-independent part (the vocabulary's
+    covariance as each vector sees it, ~30 GFLOP on the embedded model) is computed once, so each
+    further concept costs one matrix-vector product a layer. Keep one to score many concepts."""
 
-    ``negative`` scores the projection of ``-v`` (what a neuron promotes when its coefficient is
-    negative, which SwiGLU and GeLU allow).
-    """
-    adapter = Adapter(model)
-    unembed = adapter.unembed.weight.float()
-    if adapter.pre_unembed is not None:
-        unembed = unembed @ adapter.pre_unembed.weight.float()
-    if through_norm and getattr(adapter.final_norm, "weight", None) is not None:
-        unembed = unembed * adapter.final_norm.weight.float()
-    mean = unembed.mean(0)
-    centered = unembed - mean
-    covariance = centered.T @ centered / unembed.shape[0]
-    concept_rows = unembed[torch.tensor(concept.token_ids, device=unembed.device)] - mean
-    target = concept_rows.mean(0)
-    if concept.background:
-        target = target - (unembed[torch.tensor(concept.background, device=unembed.device)] - mean).mean(0)
-    scores = []
-    for layer in range(adapter.n_layers):
-        vectors = adapter.value_vectors(layer).float()
-        spread = ((vectors @ covariance) * vectors).sum(1).clamp_min(1e-12).sqrt()
-        scores.append((vectors @ target) / spread)
-    result = torch.stack(scores).cpu()
-    return -result if negative else result
+    @torch.no_grad()
+    def __init__(self, model, through_norm: bool = False):
+        self.adapter = adapter = Adapter(model)
+        unembed = adapter.unembed.weight.float()
+        if adapter.pre_unembed is not None:
+            unembed = unembed @ adapter.pre_unembed.weight.float()
+        if through_norm and getattr(adapter.final_norm, "weight", None) is not None:
+            unembed = unembed * adapter.final_norm.weight.float()
+        self.unembed, self.mean = unembed, unembed.mean(0)
+        centered = unembed - self.mean
+        covariance = centered.T @ centered / unembed.shape[0]
+        self.spread = []
+        for layer in range(adapter.n_layers):
+            vectors = adapter.value_vectors(layer).float()
+            self.spread.append(((vectors @ covariance) * vectors).sum(1).clamp_min(1e-12).sqrt())
+
+    @torch.no_grad()
+    def scores(self, concept: Concept, negative: bool = False) -> torch.Tensor:
+        """``(n_layers, d_ff)`` mean z-score of the concept tokens in every value vector's projection.
+
+        ``negative`` scores the projection of ``-v`` (what a neuron promotes when its coefficient is
+        negative, which SwiGLU and GeLU allow).
+        """
+        unembed, mean = self.unembed, self.mean
+        target = (unembed[torch.tensor(concept.token_ids, device=unembed.device)] - mean).mean(0)
+        if concept.background:
+            target = target - (unembed[torch.tensor(concept.background, device=unembed.device)] - mean).mean(0)
+        result = torch.stack([(self.adapter.value_vectors(layer).float() @ target) / spread
+                              for layer, spread in enumerate(self.spread)]).cpu()
+        return -result if negative else result
+
+
+def concept_scores(model, concept: Concept, through_norm: bool = False, negative: bool = False) -> torch.Tensor:
+    """``(n_layers, d_ff)`` mean z-score of the concept tokens in every value vector's projection
+    (:meth:`ConceptScorer.scores`; keep a :class:`ConceptScorer` to score several concepts)."""
+    return ConceptScorer(model, through_norm).scores(concept, negative)
 
 
 @torch.no_grad()

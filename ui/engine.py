@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from steer import Adapter, Concept, Spec, SpecError, VectorName, VocabIndex, concept_scores, model_name, steering
+from steer import Adapter, Concept, ConceptScorer, Spec, SpecError, VectorName, VocabIndex, model_name, steering
 from steer.models import cache_dir
 from steer.vocab import project
 
@@ -98,7 +98,7 @@ class SteerDemo:
         self._exit_source, self._exit_model, self.exit_threshold = exit_model, None, exit_threshold
         self._index: VocabIndex | None = None
         self._lexicon: Concept | None = None
-        self._scores: dict[tuple, torch.Tensor] = {}  # concept (token ids, background) -> concept_scores
+        self._concepts: ConceptScorer | None = None  # built on the first ranking, then each concept is cheap
         self.preset, self.preset_error = self._load_preset()
         self.exit_error = self._check_exit()
         if self.exit_error is None and (exit_model is not None or self._exit_cache().exists()):
@@ -276,16 +276,13 @@ class SteerDemo:
     def ranked(self, concept: Concept, n: int) -> list[tuple[VectorName, float]]:
         """The ``n`` vectors promoting ``concept`` most, as :func:`steer.rank_vectors` orders them.
 
-        The scores of all vectors are cached per concept, so moving the count or strength
-        slider does not recompute them (about 30 GFLOP on the embedded model).
+        The concept-independent part of the scores (about 30 GFLOP on the embedded model) is
+        computed once per demo, so a new concept or a slider move costs one product a layer.
         """
-        key = (tuple(concept.token_ids), tuple(getattr(concept, "background", None) or ()))
         with self._side_lock:
-            if key not in self._scores:
-                if len(self._scores) >= 32:
-                    self._scores.pop(next(iter(self._scores)))
-                self._scores[key] = concept_scores(self.model, concept)
-            scores = self._scores[key]
+            if self._concepts is None:
+                self._concepts = ConceptScorer(self.model)
+            scores = self._concepts.scores(concept)
         best = scores.flatten().topk(min(n, scores.numel()))
         return [(VectorName(*divmod(i, scores.shape[1])), v) for v, i in zip(best.values.tolist(), best.indices.tolist())]
 
