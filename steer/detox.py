@@ -146,10 +146,11 @@ def sample_continuations(model, tokenizer, prompts: Sequence[str], samples: int 
                                    max_new_tokens=max_new_tokens, num_return_sequences=samples,
                                    pad_token_id=tokenizer.pad_token_id)
         new = generated[:, enc["input_ids"].shape[1]:].tolist()
+        prompt_ids = [tokenizer(prompt).input_ids for prompt in chunk]
         for k, ids in enumerate(new):
             cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
-            prompt = tokenizer(chunk[k // samples]).input_ids
-            out.append(Sample(prompt, ids[:cut], text=tokenizer.decode(ids[:cut], skip_special_tokens=True)))
+            out.append(Sample(prompt_ids[k // samples], ids[:cut],
+                              text=tokenizer.decode(ids[:cut], skip_special_tokens=True)))
     return out
 
 
