@@ -10,7 +10,7 @@ the unsteered model as judge). Configurations:
 * ``geva10``: the 10 value vectors ranked highest by ``steer.rank_vectors`` for a "safe" concept
   (SAFE_WORDS below: polite, calm, kind words) with coefficient set to 3, as Geva et al. 2022 did
   by hand on GPT-2;
-* ``preset``: ``steer.detox.preset_for(model)`` (or ``--preset FILE``).
+* ``preset``: ``steer.presets.preset_for(model)`` (or ``--preset FILE``).
 
 Two stages, so generation can run on a GPU machine that only has torch, transformers and datasets:
 
@@ -73,10 +73,10 @@ def geva_spec(model, tokenizer):
 def generate(args) -> None:
     import torch
 
-    from evaluation.prompts import load_prompts
-    from evaluation.protocol import run_eval
+    from steer.evaluation.prompts import load_prompts
+    from steer.evaluation.protocol import run_eval
     from steer import Spec, load_model
-    from steer.detox import preset_for
+    from steer.presets import preset_for
 
     model, tokenizer = load_model(args.model, device=args.device)
     prompts = load_prompts(args.prompt_file, args.prompts)
@@ -97,9 +97,9 @@ def generate(args) -> None:
 
 
 def score(args) -> dict[str, dict]:
-    from evaluation.protocol import summarize
-    from evaluation.store import RunStore
-    from evaluation.toxicity import get_toxicity_scorer
+    from steer.evaluation.protocol import summarize
+    from steer.evaluation.store import RunStore
+    from steer.evaluation.toxicity import get_toxicity_scorer
 
     scorer = get_toxicity_scorer(args.scorer)
     results = {}

@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generation import fit_exit_model, load_exit_model  # noqa: E402
-from generation.corpus import docstring_text  # noqa: E402
-from generation.evaluate import (batch_run, generation_runs, held_prompts, prepare, simulated_curves,  # noqa: E402
+from steer.generation import fit_exit_model, load_exit_model  # noqa: E402
+from steer.generation.corpus import docstring_text  # noqa: E402
+from steer.generation.evaluate import (batch_run, generation_runs, held_prompts, prepare, simulated_curves,  # noqa: E402
                                  teacher_forced, threshold_for)
-from generation.exit_model import fingerprint  # noqa: E402
+from steer.generation.exit_model import fingerprint  # noqa: E402
 from steer import Adapter, load_model  # noqa: E402
 from steer.models import cache_dir  # noqa: E402
 
@@ -96,7 +96,7 @@ def main() -> None:
     print(f"batch of {batch['batch']}: rows wanted {batch['wanted']:.1%} saved, really skipped {batch['saved']:.1%} "
           f"(rows frozen until the last exits), x{batch['speedup']:.3f} wall vs plain batched generate")
     if args.study:
-        from generation.evaluate import propagation_study, step_costs
+        from steer.generation.evaluate import propagation_study, step_costs
 
         study = propagation_study(model, held, exit_model, threshold, args.real_chunks)
         for scheme, r in study.items():

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from evaluation.prompts import load_prompts
-from evaluation.protocol import batch_seed, run_eval, sampling_kwargs
-from evaluation.toxicity import get_toxicity_scorer
+from steer.evaluation.prompts import load_prompts
+from steer.evaluation.protocol import batch_seed, run_eval, sampling_kwargs
+from steer.evaluation.toxicity import get_toxicity_scorer
 from steer import Adapter, Spec, load_model, steering
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from steer import load_model, Adapter
-from generation.corpus import docstring_text, token_chunks
-from generation.fit import record, mapped_top, THRESHOLDS
-from generation.maps import MapFitter
-from generation.simulate import classifier_exits, confidence_exits, oracle_exits, outcome, saved_at
+from steer.generation.corpus import docstring_text, token_chunks
+from steer.generation.fit import record, mapped_top, THRESHOLDS
+from steer.maps import MapFitter
+from steer.generation.simulate import classifier_exits, confidence_exits, oracle_exits, outcome, saved_at
 
 dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
 FIT = int(sys.argv[2]) if len(sys.argv) > 2 else 131072
@@ -48,7 +48,7 @@ def curve(logodds):
 
 
 def curve_first(p):  # plain "first check whose p > t"
-    from generation.simulate import first_exit
+    from steer.generation.simulate import first_exit
     return saved_at([outcome(first_exit(p > t, layers, n_layers), correct_h, layers, n_layers) for t in THRESHOLDS])
 
 

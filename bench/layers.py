@@ -19,7 +19,7 @@ import torch
 
 def held_out_text(max_chars: int = 60_000) -> str:
     """English prose never used for fitting: the held-out split of the stdlib's docstrings."""
-    from generation.corpus import docstring_text
+    from steer.generation.corpus import docstring_text
 
     return docstring_text("heldout", max_chars)
 

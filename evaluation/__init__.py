@@ -1,7 +1,7 @@
 """Evaluation: toxicity / perplexity / diversity scorers, prompt sets, the RealToxicityPrompts
 protocol, resumable sweeps, tables and plots. See ``steer eval --help`` and ``steer sweep --help``.
 
-Names are imported on first use, so ``import evaluation.diversity`` stays light.
+Names are imported on first use, so ``import steer.evaluation.diversity`` stays light.
 """
 from __future__ import annotations
 

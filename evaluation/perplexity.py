@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from steer.compat import cache_of, with_cache
 from steer.models import position_ids
 
 
@@ -57,11 +58,11 @@ def token_perplexity(model, prompt_ids: Sequence[Sequence[int]], continuation_id
 
         first = model(input_ids=prompt, attention_mask=p_mask, position_ids=position_ids(p_mask),
                       use_cache=True, logits_to_keep=1)
-        cache = first.past_key_values
+        cache = cache_of(first)
         cache.reorder_cache(row_of)  # one cache row per continuation
         mask = torch.cat([p_mask[row_of], c_mask], dim=1)
-        rest = model(input_ids=cont, attention_mask=mask, position_ids=position_ids(mask)[:, width:],
-                     past_key_values=cache, use_cache=False)
+        rest = model(**with_cache(cache, input_ids=cont, attention_mask=mask,
+                                  position_ids=position_ids(mask)[:, width:], use_cache=False))
         # the logits predicting continuation token j: the prompt's last position for j=0, else j-1
         logits = torch.cat([first.logits[row_of, -1:], rest.logits[:, :-1]], dim=1).float()
         logp = torch.log_softmax(logits, -1).gather(-1, cont.unsqueeze(-1)).squeeze(-1)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from steer.compat import with_cache
 from steer.models import model_name, position_ids
 from steer.spec import Spec
 from steer.steering import steering
@@ -82,12 +83,12 @@ def generate_samples(model, enc, samples: int, share_prefill: bool = True, recor
 
     cache = DynamicCache(config=model.config)
     head = mask[:, :-1]
-    model(input_ids=ids[:, :-1], attention_mask=head, position_ids=position_ids(head),
-          past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(**with_cache(cache, input_ids=ids[:, :-1], attention_mask=head, position_ids=position_ids(head),
+                       use_cache=True, logits_to_keep=1))
     cache.batch_repeat_interleave(samples)
     with recorder:
-        return model.generate(input_ids=ids.repeat_interleave(samples, 0), attention_mask=mask.repeat_interleave(samples, 0),
-                              past_key_values=cache, **kwargs)
+        return model.generate(**with_cache(cache, input_ids=ids.repeat_interleave(samples, 0),
+                                           attention_mask=mask.repeat_interleave(samples, 0)), **kwargs)
 
 
 @contextmanager
@@ -97,7 +98,7 @@ def _early_exit(model, early_exit) -> Iterator[Any]:
         yield None
         return
     try:
-        from generation import early_exit as exit_context, load_exit_model
+        from steer.generation import early_exit as exit_context, load_exit_model
     except ImportError:
         raise ValueError("early exit needs generation.early_exit, which this install does not have yet") from None
     exit_model, threshold = early_exit

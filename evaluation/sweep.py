@@ -203,11 +203,11 @@ def grid_points(grid: Grid) -> list[Point]:
 
 
 def resolve_intervention(model, intervention: str) -> Spec | None:
-    """``none`` -> None, ``preset`` -> steer.detox.preset_for(model), else a spec file."""
+    """``none`` -> None, ``preset`` -> steer.presets.preset_for(model), else a spec file."""
     if intervention == "none":
         return None
     if intervention == "preset":
-        from steer.detox import preset_for
+        from steer.presets import preset_for
 
         return preset_for(model)
     if not Path(intervention).exists():

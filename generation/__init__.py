@@ -1,6 +1,6 @@
 """Early-exit generation: skip the upper layers of a decoder-only model once the prediction has settled.
 
->>> from generation import fit_exit_model, load_exit_model, early_exit      # doctest: +SKIP
+>>> from steer.generation import fit_exit_model, load_exit_model, early_exit      # doctest: +SKIP
 >>> exit_model = fit_exit_model(model, tokenizer, text)                     # or load_exit_model(DIR)
 >>> with early_exit(model, exit_model, threshold=exit_model.default_threshold) as stats:
 ...     out = model.generate(**inputs, max_new_tokens=40)
@@ -13,7 +13,7 @@ early-exit forward and its KV cache), ``simulate`` and ``evaluate`` (curves and 
 """
 from .exit_model import ExitModel, load_exit_model
 from .fit import fit_exit_model
-from .maps import LayerMaps, MapFitter
+from steer.maps import LayerMaps, MapFitter
 from .runtime import ExitStats, early_exit
 
 __all__ = ["ExitModel", "ExitStats", "LayerMaps", "MapFitter", "early_exit", "fit_exit_model", "load_exit_model"]

@@ -207,7 +207,7 @@ def step_costs(model, tokenizer, exit_model: ExitModel, exit_after: list[int], s
     """CPU time of one decode step: plain, and with every token forced to exit after each layer in
     ``exit_after``, K/V filled by ``propagate`` (for ``"defer"``, completing the cache at the end is
     included). The slope against the number of layers skipped is what one skipped layer really saves."""
-    from .maps import LayerMaps
+    from steer.maps import LayerMaps
 
     device = next(model.parameters()).device
     d = exit_model.d_model

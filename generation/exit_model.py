@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from steer import Adapter, model_name
 from steer.models import weights_digest
 
-from .maps import LayerMaps
+from steer.maps import LayerMaps
 from .probe import Probe
 from .rules import ClassifierRule, ConfidenceRule, ExitRule
 

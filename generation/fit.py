@@ -26,7 +26,7 @@ from .collect import trace_chunks
 from .corpus import token_chunks
 from .exit_model import ExitModel, fingerprint
 from .features import SCALARS, check_feature_set, direction, scalar_features
-from .maps import LayerMaps, MapFitter
+from steer.maps import LayerMaps, MapFitter
 from .probe import train_probe
 from .simulate import classifier_exits, oracle_exits, outcome
 

@@ -22,7 +22,7 @@ import math
 import torch
 
 from .features import SCALARS, check_feature_set, direction, scalar_features
-from .maps import LayerMaps
+from steer.maps import LayerMaps
 from .probe import Probe
 
 

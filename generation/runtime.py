@@ -50,6 +50,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from steer import Adapter
+from steer.compat import find_cache, layer_hidden
 
 from .rules import ExitRule
 
@@ -94,13 +95,6 @@ class _Pending:
     state: torch.Tensor  # (batch, 1, d) its output of that layer
     pos: dict  # its position tensors (name -> tensor with a length-1 sequence dim)
     kv: int  # sequence length including it
-
-
-def _find_cache(args: tuple, kwargs: dict) -> Cache | None:
-    for value in list(args) + list(kwargs.values()):
-        if isinstance(value, Cache):
-            return value
-    return None
 
 
 def _mask_slot(module: torch.nn.Module) -> int | None:
@@ -191,7 +185,7 @@ class _Controller:
             return
         if self.propagate != "defer" or self.positions != "last":
             return
-        cache = _find_cache(args, kwargs)
+        cache = find_cache(args, kwargs)
         if self.pending and (cache is not self.pending_cache or hidden.shape[1] != 1):
             self.flush()
         if hidden.shape[1] == 1 and cache is not None:
@@ -218,9 +212,7 @@ class _Controller:
             if active:
                 out = self._run_together(layer, original, hidden, active, args, kwargs)
             else:
-                out = original(hidden, *args, **kwargs)
-                if isinstance(out, tuple):  # older layer APIs: (hidden, ...)
-                    out = out[0]
+                out = layer_hidden(original(hidden, *args, **kwargs))
             if self.propagate == "defer":
                 self.templates[layer] = (args, kwargs)  # what flush() calls the layer with
             self.computed += 1
@@ -297,9 +289,7 @@ class _Controller:
     def _run_together(self, layer: int, original, hidden, active: list[_Pending], args: tuple, kwargs: dict):
         states = torch.cat([self.running[id(entry)] for entry in active] + [hidden], dim=1)
         args, kwargs = self._widen(layer, active, args, kwargs, self.step_pos, self.kv, self.last_mask)
-        out = original(states, *args, **kwargs)
-        if isinstance(out, tuple):
-            out = out[0]
+        out = layer_hidden(original(states, *args, **kwargs))
         for i, entry in enumerate(active):
             self.running[id(entry)] = out[:, i:i + 1]
         self.stats.deferred += len(active) * out.shape[0]
@@ -353,8 +343,7 @@ class _Controller:
             # the model passes every layer the same arguments; layers never reached reuse layer 0's
             args, kwargs = self.templates.get(layer) or self.templates[0]
             args, kwargs = self._widen(layer, active, args, kwargs, None, kv, self.last_mask)
-            out = self.originals[layer](torch.cat([running[id(entry)] for entry in active], 1), *args, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
+            out = layer_hidden(self.originals[layer](torch.cat([running[id(entry)] for entry in active], 1), *args, **kwargs))
             for i, entry in enumerate(active):
                 running[id(entry)] = out[:, i:i + 1]
             self.stats.deferred += len(active) * out.shape[0]

@@ -34,8 +34,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .compat import find_cache
 from .families import Adapter
-from .spec import SpecError
+from .errors import SpecError
 
 OPS = ("skip", "reorder", "parallel", "repeat")
 _KEYS = {"skip": {"op", "layers"}, "reorder": {"op", "range", "order"}, "parallel": {"op", "range"},
@@ -262,15 +263,6 @@ def _slots(model, plan: list[Program]) -> tuple[list[list[tuple[int, ...]]], lis
     return slots, extra
 
 
-def _find_cache(args: tuple, kwargs: dict):
-    from transformers.cache_utils import Cache
-
-    for value in list(kwargs.values()) + list(args):
-        if isinstance(value, Cache):
-            return value
-    return None
-
-
 def _ensure_slots(cache, n: int, extra: list[tuple[str, dict]]) -> None:
     """Append cache layers for executions beyond the model's own slots (repeats)."""
     layers = getattr(cache, "layers", None)
@@ -322,7 +314,7 @@ class _Position:
         if self.replay is not None:
             return self.replay
         if self.extra:
-            cache = _find_cache(args, kwargs)
+            cache = find_cache(args, kwargs)
             if cache is not None:
                 _ensure_slots(cache, self.n, self.extra)
         for step, slots in zip(self.program, self.slots):

@@ -6,7 +6,7 @@ residual stream):
 - the layer x layer matrix of the mean per-token cosine similarity (cheap, every token);
 - linear CKA (Kornblith et al. 2019) on a token subsample, the standard it is compared with;
 - per layer, how often the layer already predicts the final top-1 token, read through the logit
-  lens and through fitted least-squares maps to the last layer (``generation.maps``, shared with
+  lens and through fitted least-squares maps to the last layer (``steer.maps``, shared with
   early exit). Maps are fitted on the first half of the blocks and scored on the second half.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .families import Adapter
 from .layer_scan import recording
 
 if TYPE_CHECKING:
-    from generation.maps import LayerMaps
+    from .maps import LayerMaps
 
 
 @dataclass
@@ -109,11 +109,11 @@ def top1_agreement(model, hidden: torch.Tensor, final_top1: torch.Tensor, maps: 
 
 
 def fit_maps(hidden: torch.Tensor):
-    """Least-squares maps from every layer's output to the last layer's (``generation.maps``).
+    """Least-squares maps from every layer's output to the last layer's (``steer.maps``).
 
     The last layer needs none: it is read as is (a fitted identity would only add ridge error).
     """
-    from generation.maps import MapFitter
+    from .maps import MapFitter
 
     fitter = MapFitter(d_model=hidden.shape[-1])
     for layer in range(hidden.shape[0] - 1):

@@ -23,14 +23,12 @@ from typing import Any
 
 import yaml
 
+from .errors import SpecError
 from .families import Adapter
+from .layers import LayerOp, check_ops, check_ops_for
 from .names import VectorName
 
 OPS = ("scale", "set", "add")
-
-
-class SpecError(ValueError):
-    """A spec that is malformed or does not fit the model it is applied to."""
 
 
 @dataclass(frozen=True)
@@ -193,16 +191,12 @@ class Spec:
             if edit.index >= shape.d_ff:
                 raise SpecError(f"{edit.name}: index {edit.index} out of range; layers have {shape.d_ff} value vectors")
         if self.layers:
-            from .layers import check_ops_for
-
             check_ops_for(model, self.layers, f"spec {self.name!r}: layers")
         return self
 
 
 def _layer_ops(items, where: str) -> tuple:
     """Parse layer ops (LayerOp or dict items) and check they do not overlap."""
-    from .layers import LayerOp, check_ops
-
     if not isinstance(items, (list, tuple)):
         raise SpecError(f"{where} must be a list of layer ops, e.g. [{{op: skip, layers: [3]}}]")
     ops = tuple(x if isinstance(x, LayerOp) else LayerOp.from_dict(x, f"{where}[{i}]") for i, x in enumerate(items))

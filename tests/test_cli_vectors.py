@@ -5,7 +5,7 @@ import pytest
 
 from conftest import save_tiny
 from steer import VocabIndex, load_model
-from steer.cli import main
+from steer.ui.cli import main
 
 
 @pytest.fixture()

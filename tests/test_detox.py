@@ -9,8 +9,9 @@ import torch
 
 from conftest import tiny_model
 from steer import Spec, steering
-from steer.detox import (Attribution, HeldOut, Sample, attribute, build_detox_spec, candidates, fingerprint,
-                         mark_toxic, next_token_effect, preset_for, toxic_prompts, split_groups)
+from steer.detox import (Attribution, HeldOut, Sample, attribute, build_detox_spec, candidates, mark_toxic,
+                         next_token_effect, toxic_prompts, split_groups)
+from steer.presets import fingerprint, preset_for
 
 
 def _samples(seed: int = 0, n: int = 6) -> list[Sample]:

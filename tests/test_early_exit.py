@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from generation import ExitModel, early_exit, fit_exit_model, load_exit_model
-from generation.probe import Probe
-from generation.exit_model import fingerprint
-from generation.fit import default_layers
-from generation.maps import LayerMaps, MapFitter
+from steer.generation import ExitModel, early_exit, fit_exit_model, load_exit_model
+from steer.generation.probe import Probe
+from steer.generation.exit_model import fingerprint
+from steer.generation.fit import default_layers
+from steer.maps import LayerMaps, MapFitter
 from steer import Adapter, Spec, model_name, steering
+from steer.compat import CACHE_KWARG, cache_of, with_cache
 
 PROMPT = torch.tensor([[5, 17, 33, 8, 61, 12]])
 FAMILIES = ["llama", "gpt2"]
@@ -65,12 +66,12 @@ def test_deferred_kv_cache_after_exit_is_the_full_models(model_type):
         out = greedy(model, n=6, return_dict_in_generate=True)
     assert stats.tokens == 5 and stats.layers_saved_fraction == pytest.approx(2 / 4)
     assert stats.deferred == 5 * 2  # every exited position's layers 2-3 were computed later
-    cache = out.past_key_values
+    cache = cache_of(out)
     total = PROMPT.shape[1] + 6 - 1
     assert len(cache.layers) == 4
     assert all(layer.keys.shape[-2] == total and layer.values.shape[-2] == total for layer in cache.layers)
     with torch.no_grad():
-        plain = model(out.sequences[:, :total], use_cache=True).past_key_values
+        plain = cache_of(model(out.sequences[:, :total], use_cache=True))
     for mine, full in zip(cache.layers, plain.layers):
         torch.testing.assert_close(mine.keys, full.keys, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(mine.values, full.values, rtol=1e-4, atol=1e-5)
@@ -87,7 +88,7 @@ def test_calm_kv_cache_after_exit_has_every_layer_and_propagated_entries(model_t
         out = greedy(model, n=6, return_dict_in_generate=True)
     hook.remove()
     assert stats.tokens == 5 and stats.layers_saved_fraction == pytest.approx(2 / 4) and stats.deferred == 0
-    cache = out.past_key_values
+    cache = cache_of(out)
     total = PROMPT.shape[1] + 6 - 1
     assert all(layer.keys.shape[-2] == total and layer.values.shape[-2] == total for layer in cache.layers)
     # The skipped layers' entries are what those layers compute from the exited state.
@@ -126,7 +127,7 @@ def reference_kv(model, layer: int, hidden: torch.Tensor, position: int):
             kwargs[key] = value[:, position:position + 1]
         elif key == "attention_mask":
             kwargs[key] = None
-    kwargs["past_key_values"] = cache
+    kwargs[CACHE_KWARG] = cache
     kwargs["use_cache"] = True
     if model.config.model_type == "gpt2":
         args = []
@@ -174,7 +175,7 @@ def test_teacher_forced_all_positions_equals_token_by_token_decoding(model_type,
             out = model(ids[:, :1], use_cache=True)
             steps.append(out.logits)
             for t in range(1, ids.shape[1]):
-                out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+                out = model(**with_cache(cache_of(out), input_ids=ids[:, t:t + 1], use_cache=True))
                 steps.append(out.logits)
     assert stats.tokens == ids.shape[1] and len(stats.exit_layers) >= 2
     assert step_stats.exit_layers == stats.exit_layers
@@ -318,8 +319,8 @@ def test_embedded_exit_off_is_identical_and_batches_match(embedded):
 @pytest.mark.parametrize("feature_set,mlp", [("direction", False), ("ffn", False), ("direction", True), ("ffn", True)])
 def test_fit_time_features_equal_run_time_features(feature_set, mlp, monkeypatch):
     """The classifier must see at run time exactly the features it was fitted on (layer 0 included)."""
-    from generation.fit import record
-    from generation.rules import ClassifierRule
+    from steer.generation.fit import record
+    from steer.generation.rules import ClassifierRule
 
     model = deep("llama", layers=3)
     exit_model = exit_model_for(model, check=(0, 1), seed=2, scale=1.0, bias=-50.0, feature_set=feature_set)
@@ -351,7 +352,7 @@ def test_fit_time_features_equal_run_time_features(feature_set, mlp, monkeypatch
 
 
 def test_cli_rejects_bad_thresholds_before_loading_anything(tmp_path, capsys):
-    from steer.cli import main
+    from steer.ui.cli import main
 
     exit_model_for(deep("llama")).save(tmp_path / "em")
     assert main(["early-exit", "eval", "--exit-model", str(tmp_path / "em"), "--thresholds", "classifier=1.5"]) == 2
@@ -362,7 +363,7 @@ def test_cli_rejects_bad_thresholds_before_loading_anything(tmp_path, capsys):
 
 @pytest.mark.embedded
 def test_cli_generate_with_early_exit_and_steering(embedded, tmp_path, capsys):
-    from steer.cli import main
+    from steer.ui.cli import main
 
     model, tokenizer = embedded
     exit_model_for(model, check=(20, 24), bias=50.0, maps=LayerMaps.identity([20, 24], 576)).save(tmp_path / "em")
@@ -384,7 +385,7 @@ def test_cli_generate_with_early_exit_and_steering(embedded, tmp_path, capsys):
 def test_train_probe_learns_and_its_validation_log_odds_are_what_the_model_computes(hidden):
     """A label that depends on the features nonlinearly per layer; the returned exit model reproduces
     the validation predictions the threshold is calibrated on (folded standardisation included)."""
-    from generation.probe import train_probe
+    from steer.generation.probe import train_probe
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3000, 2, 8, generator=g) * 3 + 1

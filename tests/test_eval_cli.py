@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from steer.cli import main
+from steer.ui.cli import main
 from test_eval_helpers import save_tiny_lm
 
 TINY = ["--judge", "self", "--samples", "2", "--max-new-tokens", "5", "--batch-size", "4", "--quiet"]
@@ -90,7 +90,7 @@ def test_rerun_with_other_settings_refuses_and_keeps_results(tmp_path, capsys):
 def test_prompt_sources(tmp_path, monkeypatch):
     import datasets
 
-    from evaluation.prompts import load_prompt_set, load_prompts
+    from steer.evaluation.prompts import load_prompt_set, load_prompts
 
     shipped = load_prompt_set()
     assert len(shipped) == 400 and set(shipped["category"]) == {"insult", "profanity", "severe_toxicity", "threat"}

@@ -15,13 +15,13 @@ import pytest
 import torch
 import yaml
 
-from evaluation.perplexity import continuation_perplexity
-from evaluation.prompts import load_prompt_set
-from evaluation.protocol import TIMING_KEYS, generate_samples, run_eval, summarize
-from evaluation.report import pareto_front, write_reports
-from evaluation.store import RunStore
-from evaluation.sweep import Grid, Point, SweepConfig, first_vectors, grid_points, point_spec, with_strength
-from evaluation.toxicity import ProfanityCheckScorer
+from steer.evaluation.perplexity import continuation_perplexity
+from steer.evaluation.prompts import load_prompt_set
+from steer.evaluation.protocol import TIMING_KEYS, generate_samples, run_eval, summarize
+from steer.evaluation.report import pareto_front, write_reports
+from steer.evaluation.store import RunStore
+from steer.evaluation.sweep import Grid, Point, SweepConfig, first_vectors, grid_points, point_spec, with_strength
+from steer.evaluation.toxicity import ProfanityCheckScorer
 from steer import Spec, steering
 from conftest import tiny_model
 from test_eval_helpers import char_tokenizer, save_tiny_lm, tiny_lm
@@ -158,7 +158,7 @@ def test_pareto_front_and_reports(tmp_path):
 
 
 def test_early_exit_is_wired_through_generation(monkeypatch, scorer):
-    import generation
+    from steer import generation
 
     model, tokenizer = tiny_lm()
     calls = []
@@ -195,7 +195,7 @@ def _sweep_file(tmp_path: Path, model_dir: Path, out: Path, **extra) -> Path:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "steer.cli", *args]
+    return [sys.executable, "-m", "steer", *args]
 
 
 def test_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path, scorer):
@@ -241,7 +241,7 @@ def test_accelerate_launch_two_processes_merge_to_the_single_process_result(tmp_
     config = _sweep_file(tmp_path, model_dir, out, batch_size=4)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "steer.cli", "sweep", str(config), "--quiet"]
+               "-m", "steer", "sweep", str(config), "--quiet"]
     result = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from evaluation.diversity import distinct_n
-from evaluation.perplexity import continuation_perplexity
+from steer.evaluation.diversity import distinct_n
+from steer.evaluation.perplexity import continuation_perplexity
 from test_eval_helpers import char_tokenizer
 
 PROMPTS = ["The cat", "The cat", "A much longer prompt here", "The cat", "Hi"]
@@ -52,7 +52,7 @@ def test_distinct_n_counts_word_ngrams():
 
 # -- toxicity scorers -------------------------------------------------------------------------
 
-from evaluation.toxicity import DetoxifyScorer, ScorerUnavailable, get_toxicity_scorer  # noqa: E402
+from steer.evaluation.toxicity import DetoxifyScorer, ScorerUnavailable, get_toxicity_scorer  # noqa: E402
 
 CLASSES = ["obscene", "toxic", "severe_toxic", "threat", "insult", "identity_hate"]  # "toxic" is column 1
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import save_tiny
 from steer import Spec, load_model
-from steer.cli import main
+from steer.ui.cli import main
 from steer.layer_scan import scan_skips, text_blocks
 from steer.similarity import cosine_matrix, hidden_states
 

@@ -60,7 +60,7 @@ def test_linear_cka_matches_the_hsic_formula_and_its_invariances():
 
 
 def test_agreement_lens_maps_and_split():
-    from generation.maps import LayerMaps
+    from steer.maps import LayerMaps
 
     model = tiny_model("llama", seed=4, layers=3)
     ids = random_blocks(4, 16)

@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_model
 from steer import Concept, Spec, SpecError, VectorName, rank_vectors
 from steer.models import prepare_tokenizer
-from ui.engine import BY_INDEX, BY_SCORE, COLUMNS, LEXICON, PRESET, PROMOTE, SUPPRESS, WORDS, Limits, Sampling, SteerDemo, \
+from steer.ui.engine import BY_INDEX, BY_SCORE, COLUMNS, LEXICON, PRESET, PROMOTE, SUPPRESS, WORDS, Limits, Sampling, SteerDemo, \
     apply_strength
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=8)
@@ -74,17 +74,17 @@ def test_concept_spec_takes_the_top_ranked_vectors(demo, tiny, tokenizer):
 
 
 def test_detox_preset_is_the_default_when_one_fits(tiny, tokenizer, monkeypatch):
-    import steer.detox
+    import steer.presets
 
     preset = Spec.build("detox preset", [("L1.N4", "scale", -1.0), ("L0.N2", "set", 2.0), ("L1.N8", "add", 1.0)],
                         model=tiny)
-    monkeypatch.setattr(steer.detox, "preset_for", lambda model: preset)
+    monkeypatch.setattr(steer.presets, "preset_for", lambda model: preset)
     demo = SteerDemo(tiny, tokenizer)
     assert demo.concepts == [PRESET, LEXICON, WORDS] and demo.default_n() == 3
     assert demo.default_spec().edits == preset.edits  # strength 1, all edits: as shipped
     half = demo.concept_spec(PRESET, strength=0.5, n=2)
     assert [(e.name, e.op, e.value) for e in half.edits] == [("L1.N4", "scale", 0.0), ("L0.N2", "set", 1.0)]
-    monkeypatch.setattr(steer.detox, "preset_for", lambda model: (_ for _ in ()).throw(ValueError("no preset fits")))
+    monkeypatch.setattr(steer.presets, "preset_for", lambda model: (_ for _ in ()).throw(ValueError("no preset fits")))
     without = SteerDemo(tiny, tokenizer)
     assert without.concepts == [LEXICON, WORDS] and without.preset_error == "no preset fits"
     with pytest.raises(ValueError, match="no detox preset for this model: no preset fits"):
@@ -127,8 +127,8 @@ def test_concurrent_requests_each_get_their_own_steering(demo, tiny):
 @pytest.fixture(scope="module")
 def exit_dir(tiny, tokenizer, tmp_path_factory):
     """An exit model fitted for the tiny model on a little docstring prose, saved to a folder."""
-    import generation
-    from generation.corpus import docstring_text
+    from steer import generation
+    from steer.generation.corpus import docstring_text
 
     fitted = generation.fit_exit_model(tiny, tokenizer, docstring_text("fit", max_chars=12_000), max_tokens=2048)
     return fitted.save(tmp_path_factory.mktemp("exit-model"))
@@ -146,12 +146,12 @@ def test_early_exit_reports_layers_saved(tiny, tokenizer, exit_dir):
 
 
 def test_exit_model_is_fitted_once_then_loaded_from_the_cache(tiny, tokenizer, exit_dir, tmp_path, monkeypatch):
-    import generation
+    from steer import generation
 
     monkeypatch.setenv("STEER_CACHE", str(tmp_path))
     fits = []
     monkeypatch.setattr(generation, "fit_exit_model", lambda *a, **k: fits.append(1) or generation.load_exit_model(exit_dir))
-    monkeypatch.setattr("generation.corpus.docstring_text", lambda split: "some prose")
+    monkeypatch.setattr("steer.generation.corpus.docstring_text", lambda split: "some prose")
     first = SteerDemo(tiny, tokenizer)
     assert not first.has_exit_model and first.threshold == 0.9 and fits == []  # nothing fitted up front
     fitted = first.exit_model()
@@ -228,22 +228,22 @@ def served(tiny, tokenizer, exit_dir, tmp_path_factory):
     """``steer ui --model DIR --port P`` run through the CLI (serving in this process), and a client."""
     from gradio_client import Client
 
-    import ui.app
-    from steer.cli import main
+    from steer.ui import app as ui_app
+    from steer.ui.cli import main
 
     folder = tmp_path_factory.mktemp("tiny-model")
     tiny.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     port = _free_port()
     launched = []
-    real_launch = ui.app.launch
+    real_launch = ui_app.launch
 
     def launch(page, host, port, block=True, **kwargs):  # serve without blocking the test
         launched.append((page, host, port, block))
         return real_launch(page, host, port, block=False, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ui.app, "launch", launch)
+        patch.setattr(ui_app, "launch", launch)
         assert main(["ui", "--model", str(folder), "--port", str(port), "--max-new-tokens", "16",
                      "--exit-model", str(exit_dir)]) == 0
     page, host, bound, block = launched[0]

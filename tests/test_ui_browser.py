@@ -34,8 +34,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(embedded):
-    from ui.app import build_app, launch
-    from ui.engine import SteerDemo
+    from steer.ui.app import build_app, launch
+    from steer.ui.engine import SteerDemo
 
     demo = SteerDemo(*embedded)
     page = build_app(demo)

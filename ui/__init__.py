@@ -1,7 +1,7 @@
 """Gradio demo: steered and unsteered continuations side by side, and a value-vector explorer.
 
 >>> from steer import load_model                                    # doctest: +SKIP
->>> from ui import SteerDemo, build_app, launch                      # doctest: +SKIP
+>>> from steer.ui import SteerDemo, build_app, launch                      # doctest: +SKIP
 >>> launch(build_app(SteerDemo(*load_model())), port=7860)           # doctest: +SKIP
 
 Importing :mod:`ui.app` pulls in Gradio (slow); the engine alone does not.

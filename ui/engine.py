@@ -1,7 +1,7 @@
 """What the demo does, without any Gradio: build interventions, generate side by side, explore vectors.
 
 Everything here composes library calls (``steer.rank_vectors``, ``steer.steering``,
-``steer.detox.preset_for``, ``evaluation.toxicity``, ``generation.early_exit``); the Gradio
+``steer.presets.preset_for``, ``evaluation.toxicity``, ``generation.early_exit``); the Gradio
 layer in :mod:`ui.app` only wires widgets to these methods, so the same behaviour is testable
 (and scriptable) without a browser.
 
@@ -110,7 +110,7 @@ class SteerDemo:
     # -- what is available ------------------------------------------------------------------
     def _load_preset(self) -> tuple[Spec | None, str | None]:
         try:
-            from steer.detox import preset_for
+            from steer.presets import preset_for
         except ImportError as err:
             return None, f"steer.detox is not available ({err})"
         try:
@@ -141,7 +141,7 @@ class SteerDemo:
 
     def _check_exit(self) -> str | None:
         try:
-            import generation
+            from steer import generation
         except ImportError as err:
             return f"the generation package is not available ({err})"
         needed = ["early_exit", "load_exit_model" if self._exit_source is not None else "fit_exit_model"]
@@ -164,7 +164,7 @@ class SteerDemo:
         return self._exit_model.default_threshold if self._exit_model is not None else 0.9
 
     def _exit_cache(self) -> Path:
-        from generation.exit_model import fingerprint
+        from steer.generation.exit_model import fingerprint
 
         return cache_dir() / "exit" / fingerprint(self.model)
 
@@ -180,13 +180,13 @@ class SteerDemo:
             raise ValueError(f"early exit is unavailable: {self.exit_error}")
         with self._side_lock:
             if self._exit_model is None:
-                import generation
+                from steer import generation
 
                 source = self._exit_source
                 if source is None and self._exit_cache().exists():
                     source = self._exit_cache()
                 if source is None:
-                    from generation.corpus import docstring_text
+                    from steer.generation.corpus import docstring_text
 
                     with self.lock:  # 16k tokens: a few minutes on CPU (131k saves ~2 points more; fit it offline)
                         fitted = generation.fit_exit_model(self.model, self.tokenizer, docstring_text("fit"),
@@ -208,7 +208,7 @@ class SteerDemo:
         with self._side_lock:
             if self._scorer is None and self._scorer_error is None:
                 try:
-                    from evaluation.toxicity import get_toxicity_scorer
+                    from steer.evaluation.toxicity import get_toxicity_scorer
 
                     self._scorer = get_toxicity_scorer(self._scorer_name)
                 except Exception as err:  # noqa: BLE001 - any failure means "no scores", said in the page
@@ -410,7 +410,7 @@ class SteerDemo:
                 stack.enter_context(steering(self.model, spec))
             stats = None
             if early_exit:
-                from generation import early_exit as exiting
+                from steer.generation import early_exit as exiting
 
                 threshold = self.threshold if threshold is None else float(threshold)
                 stats = stack.enter_context(exiting(self.model, exit_model, threshold))

@@ -5,11 +5,11 @@ import argparse
 import sys
 import time
 
-from .commands import add_model_args, load_from_args
+from steer.ui.commands.vectors import add_model_args, load_from_args
 
 
 def _build(args) -> int:
-    from .detox import build_detox_spec
+    from steer.detox import build_detox_spec
 
     if args.out is None:
         raise ValueError("--out FILE is required (a .json or .yaml spec to write)")
@@ -32,9 +32,10 @@ def _build(args) -> int:
 
 
 def _show(args) -> int:
-    from .detox import next_token_effect, preset_for, split_groups, toxic_prompts
-    from .spec import Spec
-    from .vocab import VocabIndex
+    from steer.detox import next_token_effect, split_groups, toxic_prompts
+    from steer.presets import preset_for
+    from steer.spec import Spec
+    from steer.vocab import VocabIndex
 
     model, tokenizer = load_from_args(args)
     spec = Spec.load(args.spec).validate(model) if args.spec else preset_for(model)

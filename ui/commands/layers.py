@@ -4,8 +4,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .commands import add_model_args, load_from_args
-from .families import Adapter
+from steer.ui.commands.vectors import add_model_args, load_from_args
+from steer.families import Adapter
 
 
 def _read_text(path: str) -> str:
@@ -63,8 +63,8 @@ def plot_scan(singles, plans, base, path: Path, max_rise: float | None = None) -
 
 
 def _scan(args) -> int:
-    from .layer_scan import greedy_plans, round_robin_speeds, scan_skips, text_blocks, within_budget
-    from .spec import Spec
+    from steer.layer_scan import greedy_plans, round_robin_speeds, scan_skips, text_blocks, within_budget
+    from steer.spec import Spec
 
     if args.out and args.max_ppl_rise is None:
         raise ValueError("--out saves the plan chosen by --max-ppl-rise: give both")
@@ -179,8 +179,8 @@ def plot_agreement(result, path: Path) -> Path:
 
 
 def _similarity(args) -> int:
-    from .layer_scan import text_blocks
-    from .similarity import analyze
+    from steer.layer_scan import text_blocks
+    from steer.similarity import analyze
 
     text = _read_text(args.text)
     model, tokenizer = load_from_args(args)

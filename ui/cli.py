@@ -7,17 +7,11 @@ are printed as one line, never as a traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-COMMAND_MODULES = [
-    "steer.commands",
-    "steer.detox_commands",
-    "evaluation.commands",
-    "ui.commands",
-    "steer.layer_commands",
-    "generation.commands",
-]
+from steer.ui.commands import demo, detox, early_exit, evaluation, layers, vectors
+
+COMMAND_MODULES = (vectors, detox, evaluation, demo, layers, early_exit)
 
 
 class UserError(Exception):
@@ -27,8 +21,8 @@ class UserError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
     return parser
 
 

@@ -40,12 +40,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .families import Adapter
-from .models import model_name, position_ids
-from .spec import ModelShape, Spec, SpecError
+from steer.families import Adapter
+from steer.models import model_name, position_ids
+from steer.presets import PRESET_DIR, fingerprint
+from steer.spec import ModelShape, Spec, SpecError
 
-PRESET_DIR = "data/presets"
-PRESETS = {"SmolLM2-135M-Instruct": "smollm2-135m-detox.json"}
 
 # Words that fill the ``{w}`` slots of the selection templates: entries of the shipped lexicon
 # and common insults that alt-profanity-check flags on their own (>= 0.5), the ones
@@ -434,7 +433,7 @@ class HeldOut:
                 target[cont[:, :-1]], toxic[cont], row, weight)
 
     def check(self, spec: Spec) -> Check:
-        from .steering import steering
+        from steer.steering import steering
 
         kl_sum, ce_sum, tokens, drops, weights = 0.0, 0.0, 0, [], []
         for batch, (base, base_target, toxic, row, weight) in zip(_batches(self.samples, self.batch_size), self.base):
@@ -469,7 +468,7 @@ FORCED_THRESHOLD = 0.9  # a word the model wrote is forced on other prompts only
 
 def _scorer_fn(scorer) -> Callable[[list[str]], list[float]]:
     if scorer is None or isinstance(scorer, str):
-        from evaluation.toxicity import get_toxicity_scorer
+        from steer.evaluation.toxicity import get_toxicity_scorer
 
         scorer = get_toxicity_scorer(scorer or "profanity-check")
     return scorer.score if hasattr(scorer, "score") else scorer
@@ -588,7 +587,7 @@ def next_token_effect(model, tokenizer, spec: Spec, prompts: Sequence[str], top:
     Each token's score is ``log(mean p_steered / mean p_unsteered)`` over the prompts, for tokens
     whose mean unsteered probability is at least ``min_probability`` (rarer ones do not matter).
     """
-    from .steering import steering
+    from steer.steering import steering
 
     device = next(model.parameters()).device
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)  # left padded: prompts end together
@@ -603,34 +602,3 @@ def next_token_effect(model, tokenizer, spec: Spec, prompts: Sequence[str], top:
 
 
 # -- presets -------------------------------------------------------------------------------------
-def fingerprint(model, n: int = 6) -> list[float]:
-    """Norms of a few value vectors: tells apart models of one shape, robust to dtype and device."""
-    adapter = Adapter(model)
-    rows = [adapter.value_vectors(layer)[:n].detach().float().norm(dim=1) for layer in (0, adapter.n_layers - 1)]
-    return [round(float(x), 4) for x in torch.cat(rows)]
-
-
-def _matches(spec: Spec, model) -> bool:
-    shape = ModelShape.of(model)
-    if spec.model is None or (spec.model.n_layers, spec.model.d_ff, spec.model.d_model) != (
-            shape.n_layers, shape.d_ff, shape.d_model):
-        return False
-    stored = spec.meta.get("fingerprint")
-    return stored is None or torch.allclose(torch.tensor(stored), torch.tensor(fingerprint(model)), rtol=2e-2, atol=1e-3)
-
-
-def preset_for(model) -> Spec:
-    """The shipped detox preset made for ``model``'s weights, or a ValueError saying how to build one."""
-    for model_label, file in PRESETS.items():
-        path = resources.files("steer").joinpath(f"{PRESET_DIR}/{file}")
-        if not path.is_file():
-            continue
-        spec = Spec.load(Path(str(path)))
-        if _matches(spec, model):
-            return spec.validate(model)
-    shape = ModelShape.of(model)
-    raise ValueError(
-        f"no shipped detox preset fits {shape.name} ({shape.n_layers} layers, d_ff {shape.d_ff}, d_model "
-        f"{shape.d_model}); presets exist for: {', '.join(PRESETS)}. Build one with "
-        "`steer detox build --model NAME --out detox.json` and load it with Spec.load"
-    )

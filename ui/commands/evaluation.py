@@ -1,7 +1,7 @@
 """``steer eval`` (one or a few interventions, one table) and ``steer sweep CONFIG.yaml`` (a grid).
 
 Both resume: rerun the same command after a crash or kill and finished batches are kept.
-Data-parallel: ``accelerate launch --num_processes N -m steer.cli sweep CONFIG.yaml``.
+Data-parallel: ``accelerate launch --num_processes N -m steer sweep CONFIG.yaml``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from steer.commands import add_model_args
+from steer.ui.commands.vectors import add_model_args
 
 
 def _interventions(values: list[str] | None) -> list[str]:
@@ -22,7 +22,7 @@ def _interventions(values: list[str] | None) -> list[str]:
 
 
 def config_from_args(args) -> "SweepConfig":
-    from .sweep import SweepConfig
+    from steer.evaluation.sweep import SweepConfig
 
     grid = dict(intervention=_interventions(args.intervention), strength=[args.strength],
                 n_vectors=[args.n_vectors], early_exit=[args.early_exit is not None])
@@ -41,10 +41,10 @@ def config_from_args(args) -> "SweepConfig":
 
 
 def _run(config, show_progress: bool) -> int:
-    from .protocol import process_shard
-    from .report import markdown_table
-    from .store import ensure_writable
-    from .sweep import run_sweep
+    from steer.evaluation.protocol import process_shard
+    from steer.evaluation.report import markdown_table
+    from steer.evaluation.store import ensure_writable
+    from steer.evaluation.sweep import run_sweep
 
     out = ensure_writable(config.out)
     rank = process_shard()[0]
@@ -64,7 +64,7 @@ def _eval(args) -> int:
 
 
 def _sweep(args) -> int:
-    from .sweep import SweepConfig
+    from steer.evaluation.sweep import SweepConfig
 
     config = SweepConfig.load(args.config)
     if args.out is not None:
@@ -108,7 +108,7 @@ def register(subparsers) -> None:
 
     sw = subparsers.add_parser(
         "sweep", help="run a grid of evaluations from a YAML config (resumable, data-parallel with accelerate)",
-        description="Keys: see evaluation/sweep.py. Data-parallel: accelerate launch --num_processes N -m steer.cli sweep CONFIG.yaml",
+        description="Keys: see evaluation/sweep.py. Data-parallel: accelerate launch --num_processes N -m steer sweep CONFIG.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sw.add_argument("config", type=Path, help="sweep config (YAML)")
     sw.add_argument("--out", default=None, metavar="DIR", help="run folder (default: the config's out, else runs/<config name>)")

@@ -12,16 +12,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args):
-    from .models import load_model
+    from steer.models import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
 def _show(args) -> int:
-    from .vocab import VocabIndex
+    from steer.vocab import VocabIndex
 
     model, tokenizer = load_from_args(args)
-    from .families import Adapter
+    from steer.families import Adapter
 
     Adapter(model).check_layer(args.layer)
     index = VocabIndex.build(model, through_norm=args.through_norm, progress=True)
@@ -33,8 +33,8 @@ def _show(args) -> int:
 
 
 def _search(args) -> int:
-    from .concepts import Concept
-    from .vocab import VocabIndex
+    from steer.concepts import Concept
+    from steer.vocab import VocabIndex
 
     model, tokenizer = load_from_args(args)
     concept = Concept.from_words(" ".join(args.words), args.words, tokenizer, match=args.match)
@@ -52,7 +52,7 @@ def _search(args) -> int:
 
 
 def _concept(args) -> int:
-    from .concepts import Concept, rank_vectors
+    from steer.concepts import Concept, rank_vectors
 
     model, tokenizer = load_from_args(args)
     concept = Concept.resolve(args.concept, tokenizer, match=args.match)

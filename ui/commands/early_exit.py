@@ -5,7 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
-from steer.commands import add_model_args, load_from_args
+from steer.ui.commands.vectors import add_model_args, load_from_args
 
 DOCSTRINGS = "docstrings"
 
@@ -13,7 +13,7 @@ DOCSTRINGS = "docstrings"
 def _read_text(value: str | None, split: str) -> str:
     """``FILE``, or the built-in docstring corpus (``docstrings``) in ``split``."""
     if value is None or value == DOCSTRINGS:
-        from .corpus import docstring_text
+        from steer.generation.corpus import docstring_text
 
         return docstring_text(split, max_chars=2_000_000)
     path = Path(value)
@@ -23,7 +23,7 @@ def _read_text(value: str | None, split: str) -> str:
 
 
 def _fit(args) -> int:
-    from .fit import fit_exit_model
+    from steer.generation.fit import fit_exit_model
 
     text = _read_text(args.text, "fit")
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
@@ -45,8 +45,8 @@ def _fit(args) -> int:
 def _parse_thresholds(values: list[str] | None) -> dict | None:
     if not values:
         return None
-    from .exit_model import RULES
-    from .rules import check_threshold
+    from steer.generation.exit_model import RULES
+    from steer.generation.rules import check_threshold
 
     out: dict[str, list[float]] = {}
     for value in values:
@@ -61,8 +61,8 @@ def _parse_thresholds(values: list[str] | None) -> dict | None:
 
 
 def _eval(args) -> int:
-    from .evaluate import evaluate, plot
-    from .exit_model import load_exit_model
+    from steer.generation.evaluate import evaluate, plot
+    from steer.generation.exit_model import load_exit_model
 
     thresholds = _parse_thresholds(args.thresholds)
     exit_model = load_exit_model(args.exit_model)
@@ -96,8 +96,8 @@ def _generate(args) -> int:
             stack.enter_context(steering(model, Spec.load(args.intervention)))
         stats = None
         if args.early_exit:
-            from .exit_model import load_exit_model
-            from .runtime import early_exit
+            from steer.generation.exit_model import load_exit_model
+            from steer.generation.runtime import early_exit
 
             exit_model = load_exit_model(args.early_exit)
             threshold = exit_model.default_threshold if args.threshold is None else args.threshold

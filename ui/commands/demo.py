@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import argparse
 
-from steer.commands import add_model_args, load_from_args
+from steer.ui.commands.vectors import add_model_args, load_from_args
 
 
 def _ui(args) -> int:
-    from .engine import Limits, SteerDemo
+    from steer.ui.engine import Limits, SteerDemo
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     model, tokenizer = load_from_args(args)
     demo = SteerDemo(model, tokenizer, scorer=args.scorer, exit_model=args.exit_model,
                      exit_threshold=args.exit_threshold, limits=Limits(max_new_tokens=args.max_new_tokens))
-    from .app import build_app, launch
+    from steer.ui.app import build_app, launch
 
     print(f"steer ui: serving {demo.name} on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
     launch(build_app(demo), host=args.host, port=args.port)
