@@ -51,6 +51,7 @@ from transformers.cache_utils import Cache
 
 from steer import Adapter
 from steer.compat import find_cache, layer_hidden
+from steer.hooks import hooks, replaced_forwards
 
 from .rules import ExitRule
 
@@ -384,35 +385,22 @@ def early_exit(model: torch.nn.Module, exit_model: "ExitModel", threshold: float
     exit_rule = exit_model.rule(rule, threshold, readout=adapter.readout)
     controller = _Controller(model, exit_model, exit_rule, positions, propagate)
     controller.protect = int(prompt_positions)
-    saved: list[tuple[torch.nn.Module, Any]] = []
-    handles = []
+    def forward_of(layer: int, original):
+        def forward(hidden_states, *args, **kwargs):
+            return controller.run(layer, original, hidden_states, *args, **kwargs)
+        return forward
+
+    for layer, module in enumerate(adapter.layers):
+        controller.originals[layer] = module.forward  # bound method, or accelerate's instance-level wrapper
+    ffn_hooks = [(adapter.ffn_out(layer), "post", controller.ffn_hook(layer))
+                 for layer in exit_rule.layers] if exit_rule.needs_ffn else []
     try:
-        for layer, module in enumerate(adapter.layers):
-            if "_early_exit" in module.__dict__:
-                raise RuntimeError("early_exit is already active on this model; nest steering inside it instead")
-            original = module.forward  # bound method, or accelerate's instance-level wrapper
-            saved.append((module, module.__dict__.get("forward")))
-
-            def forward(hidden_states, *args, _layer=layer, _original=original, **kwargs):
-                return controller.run(_layer, _original, hidden_states, *args, **kwargs)
-
-            module.forward = forward
-            module._early_exit = True
-            controller.originals[layer] = original
-        if exit_rule.needs_ffn:
-            for layer in exit_rule.layers:
-                handles.append(adapter.ffn_out(layer).register_forward_hook(controller.ffn_hook(layer)))
-        yield controller.stats
-        controller.flush()
+        with replaced_forwards([(module, forward_of(layer, controller.originals[layer]))
+                                for layer, module in enumerate(adapter.layers)]), hooks(*ffn_hooks):
+            yield controller.stats
+            controller.flush()
     finally:
-        for handle in handles:
-            handle.remove()
-        for module, previous in saved:
-            if previous is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
-            module.__dict__.pop("_early_exit", None)
         controller.ffn.clear()
         controller.pending.clear()
         controller.templates.clear()
+        controller.originals = [None] * controller.n_layers

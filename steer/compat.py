@@ -46,3 +46,29 @@ def find_cache(args: tuple, kwargs: dict) -> Cache | None:
 def layer_hidden(output: Any) -> torch.Tensor:
     """A decoder layer's hidden states: transformers 5 returns the tensor, older layers a tuple."""
     return output[0] if isinstance(output, tuple) else output
+
+
+def may_compile(model: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether ``model.generate(**kwargs)`` may run a compiled decode step: transformers compiles it
+    for a static cache on an accelerator or when a ``compile_config`` asks; a model whose forward
+    is already compiled runs compiled everywhere. Over-approximated: steering slots are exact
+    in eager mode too, so a false positive costs nothing but two gathers per layer."""
+    from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
+
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    get = lambda name: kwargs.get(name, getattr(config, name, None))  # noqa: E731
+    if get("disable_compile"):
+        return False
+    cache = kwargs.get(CACHE_KWARG)
+    static = get("cache_implementation") in ALL_STATIC_CACHE_IMPLEMENTATIONS or (
+        cache is not None and getattr(cache, "is_compileable", False) and type(cache).__name__ != "DynamicCache")
+    forward = model.__dict__.get("forward")
+    return static or get("compile_config") is not None or hasattr(forward, "_torchdynamo_orig_callable") \
+        or "_compiled_call" in model.__dict__
+
+
+def repeat_factor(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
+    """Rows ``generate`` makes of each input row (beams x return sequences): per-row specs repeat so."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    get = lambda name: kwargs.get(name, getattr(config, name, None)) or 1  # noqa: E731
+    return int(get("num_beams")) * int(get("num_return_sequences"))

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .compat import find_cache
+from .hooks import replaced_forwards
 from .families import Adapter
 from .errors import SpecError
 
@@ -342,23 +343,15 @@ def layer_ops(model: torch.nn.Module, ops: Sequence[LayerOp], *,
     plan = programs(ops, n)
     slots, extra = _slots(model, plan)
     forwards = [layer.forward for layer in layers]  # bound, or someone else's patch: call what would run
-    own = ["forward" in vars(layer) for layer in layers]
     slot_modules = [[m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)] for layer in layers]
-    patched = []
-    try:
-        for i, layer in enumerate(layers):
-            fixed = replay[i] if i < len(replay) else None
-            if fixed is None and plan[i] == ((i,),) and slots[i] == [(i,)]:
-                continue  # untouched position, own slot
-            layer.forward = _Position(forwards, slot_modules, plan[i], slots[i], n, extra, fixed)
-            patched.append(i)
+    replaced = []
+    for i, layer in enumerate(layers):
+        fixed = replay[i] if i < len(replay) else None
+        if fixed is None and plan[i] == ((i,),) and slots[i] == [(i,)]:
+            continue  # untouched position, own slot
+        replaced.append((layer, _Position(forwards, slot_modules, plan[i], slots[i], n, extra, fixed)))
+    with replaced_forwards(replaced):
         yield
-    finally:
-        for i in patched:
-            if own[i]:
-                layers[i].forward = forwards[i]
-            else:
-                del layers[i].forward
 
 
 def shared_ops(specs) -> tuple[LayerOp, ...]:

@@ -22,20 +22,29 @@ from typing import Iterator, Sequence
 import torch
 from transformers import LogitsProcessor
 
+from .compat import may_compile, repeat_factor
+from .errors import SteerError
 from .families import Adapter
+from .hooks import has_replaced_forward, hooks
 from .layers import layer_ops, shared_ops
+from .slots import install_slots, is_compiled, slots_of
 from .spec import Spec
 
 SpecLike = Spec | None
 Specs = SpecLike | Sequence[SpecLike]
 
 
-class _LayerEdit:
-    """The affine coefficient map of one layer, for R rows (R=1: the same for every row)."""
+class LayerEdit:
+    """The affine coefficient map of one layer, for R rows (R=1: the same for every row).
+
+    As an eager pre-hook it counts its calls (``calls``): a forward that ran without it, such
+    as a compiled step captured before it was attached, shows up as a count that stood still.
+    """
 
     def __init__(self, index: torch.Tensor, mult: torch.Tensor, add: torch.Tensor):
         self.index, self.mult, self.add = index, mult, add
         self.scale_only = not bool(add.any())
+        self.calls = 0
         self._on: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _tensors(self, like: torch.Tensor):
@@ -46,13 +55,14 @@ class _LayerEdit:
         return self._on[key]
 
     def __call__(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        self.calls += 1
         coefficients = args[0]
         index, mult, add = self._tensors(coefficients)
         rows = mult.shape[0]
         if rows > 1:
             batch = coefficients.shape[0]
             if batch % rows:
-                raise ValueError(f"per-row steering got {rows} specs for a batch of {batch} rows")
+                raise SteerError(f"per-row steering got {rows} specs for a batch of {batch} rows")
             if batch != rows:  # beams / num_return_sequences repeat each row consecutively
                 mult, add = mult.repeat_interleave(batch // rows, 0), add.repeat_interleave(batch // rows, 0)
             shape = (batch,) + (1,) * (coefficients.dim() - 2) + (index.numel(),)
@@ -67,7 +77,7 @@ class _LayerEdit:
         return None
 
 
-def compile_specs(model: torch.nn.Module, specs: Specs) -> dict[int, _LayerEdit]:
+def compile_specs(model: torch.nn.Module, specs: Specs) -> dict[int, LayerEdit]:
     """Fold one spec (or one per row) into per-layer affine maps, validating each against ``model``."""
     rows = list(specs) if isinstance(specs, (list, tuple)) else [specs]
     if not rows:
@@ -90,24 +100,33 @@ def compile_specs(model: torch.nn.Module, specs: Specs) -> dict[int, _LayerEdit]
         for r, row in enumerate(folded):
             for i, index in enumerate(indices):
                 mult[r, i], add[r, i] = row.get((layer, index), (1.0, 0.0))
-        compiled[layer] = _LayerEdit(torch.tensor(indices), mult, add)
+        compiled[layer] = LayerEdit(torch.tensor(indices), mult, add)
     return compiled
 
 
 @contextmanager
-def steering(model: torch.nn.Module, specs: Specs) -> Iterator[None]:
-    """Apply ``specs`` (value-vector edits and layer ops) to every forward inside the block; undone on any exit."""
-    adapter = Adapter(model)
+def steering(model: torch.nn.Module, specs: Specs) -> Iterator[dict[int, LayerEdit]]:
+    """Apply ``specs`` (value-vector edits and layer ops) to every forward inside the block; undone on any exit.
+
+    A model with steering slots (``steer.slots``: compiled or compiling models get them) is
+    steered through the slots, inside its compiled graph; any other through eager pre-hooks.
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps the module
     compiled = compile_specs(model, specs)
-    handles = []
-    try:
-        for layer, edit in compiled.items():
-            handles.append(adapter.ffn_out(layer).register_forward_pre_hook(edit))
-        with layer_ops(model, shared_ops(specs)):
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    ops = shared_ops(specs)
+    slots = slots_of(model)
+    if slots is None and is_compiled(model):
+        slots = install_slots(model)
+    if slots is not None:
+        if ops:
+            raise SteerError("layer ops (skip, reorder, parallel, repeat) change the control flow and cannot run "
+                             "inside a compiled step: generate without a static cache or compile for them")
+        with slots.applied(compiled):
+            yield compiled
+        return
+    adapter = Adapter(model)
+    with hooks(*[(adapter.ffn_out(layer), "pre", edit) for layer, edit in compiled.items()]), layer_ops(model, ops):
+        yield compiled
 
 
 class SteeringProcessor(LogitsProcessor):
@@ -115,26 +134,37 @@ class SteeringProcessor(LogitsProcessor):
 
     Logits processors are first called *after* the prompt's forward pass, too late to steer
     it, so importing steer wraps transformers' ``GenerationMixin.generate`` once: when the call
-    carries SteeringProcessors, the wrapper attaches their hooks before the first forward and
-    removes them when ``generate`` returns or raises (KeyboardInterrupt included); without
-    one it calls the original directly. Scores pass through unchanged.
+    carries SteeringProcessors, the wrapper attaches them before the first forward and removes
+    them when ``generate`` returns or raises (KeyboardInterrupt included); without one it calls
+    the original directly. A ``generate`` that may compile its decode step (a static cache, a
+    ``compile_config``, a compiled model) steers through slots inside the graph (steer.slots).
+    At every step the processor checks that the edits ran in the forward that produced the
+    scores, and raises otherwise: steering is never dropped silently. Scores pass through unchanged.
 
     >>> model.generate(**inputs, logits_processor=[SteeringProcessor(model, spec)])  # doctest: +SKIP
     """
 
     def __init__(self, model: torch.nn.Module, specs: Specs):
         compile_specs(model, specs)  # validate now, not mid-generation
-        self.model, self.specs = model, specs
+        self.model, self.specs = getattr(model, "_orig_mod", model), specs
         self.active = False
+        self._edit: LayerEdit | None = None  # one eager hook to watch (None: slots, or nothing to edit)
+        self._seen = 0
 
     @contextmanager
-    def attached(self) -> Iterator[None]:
-        with steering(self.model, self.specs):
+    def attached(self, factor: int = 1) -> Iterator[None]:
+        with steering(self.model, self.specs) as compiled:
+            slots = slots_of(self.model)
+            if slots is not None:
+                slots.set_factor(factor)
+            self._edit = None if slots is not None else next(iter(compiled.values()), None)
+            self._seen = self._edit.calls if self._edit is not None else 0
             self.active = True
             try:
                 yield
             finally:
                 self.active = False
+                self._edit = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.active:
@@ -142,6 +172,12 @@ class SteeringProcessor(LogitsProcessor):
                 "SteeringProcessor was not attached: this model's class overrides generate(); "
                 "wrap the call in `with steering(model, spec):` instead"
             )
+        if self._edit is not None:
+            if self._edit.calls == self._seen:
+                raise SteerError(
+                    "steering edits did not run in this decoding step: the forward was compiled without "
+                    "them. Call steer.install_slots(model) before compiling, or generate without compiling")
+            self._seen = self._edit.calls
         return scores
 
 
@@ -161,13 +197,20 @@ def _wrap_generate() -> None:
     @functools.wraps(original)
     def generate(self, *args, **kwargs):
         processors = _processors_in(args, kwargs)
+        compiling = may_compile(self, kwargs)
+        if compiling and has_replaced_forward(self):
+            raise SteerError("early exit and layer ops change the control flow and run on the eager path: "
+                             "inside them, generate without a static cache or compile_config")
         if not processors:
             return original(self, *args, **kwargs)
+        if compiling:
+            install_slots(self)
+        factor = repeat_factor(self, kwargs)
         with ExitStack() as stack:
             for processor in processors:
                 if processor.model is not self:
                     raise ValueError("a SteeringProcessor was passed to the generate() of another model")
-                stack.enter_context(processor.attached())
+                stack.enter_context(processor.attached(factor))
             return original(self, *args, **kwargs)
 
     generate._steer_wrapped = True  # type: ignore[attr-defined]

@@ -41,7 +41,7 @@ def greedy(model, ids=PROMPT, n=8, **kw):
 
 
 def wrapped_state_is_clean(model) -> bool:
-    return all("forward" not in m.__dict__ and "_early_exit" not in m.__dict__ for m in Adapter(model).layers) and \
+    return all("forward" not in m.__dict__ and "_steer_replaced_forward" not in m.__dict__ for m in Adapter(model).layers) and \
         all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
