@@ -72,3 +72,18 @@ def repeat_factor(model: torch.nn.Module, kwargs: dict[str, Any]) -> int:
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
     get = lambda name: kwargs.get(name, getattr(config, name, None)) or 1  # noqa: E731
     return int(get("num_beams")) * int(get("num_return_sequences"))
+
+
+def cache_layer_types(model: torch.nn.Module, n_layers: int) -> tuple[list[str], list[dict]]:
+    """Each layer's attention type and its cache layer's kwargs, as ``DynamicCache`` builds them
+    (transformers 5.17 returns one kwargs dict for all layers, 5.25 one per layer)."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    except (ImportError, AttributeError, TypeError):
+        return ["full_attention"] * n_layers, [{} for _ in range(n_layers)]
+    if len(types) != n_layers:
+        return ["full_attention"] * n_layers, [{} for _ in range(n_layers)]
+    kwargs = [dict(kwargs) for _ in types] if isinstance(kwargs, dict) else list(kwargs)
+    return list(types), kwargs

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .compat import find_cache
+from .compat import cache_layer_types, find_cache
 from .hooks import replaced_forwards
 from .families import Adapter
 from .errors import SpecError
@@ -208,16 +208,7 @@ def executed_layers(ops: Sequence[LayerOp], n_layers: int) -> list[int]:
 
 def layer_types(model) -> tuple[list[str], list[dict]]:
     """Each layer's attention type and cache-layer kwargs, as transformers' DynamicCache sees them."""
-    n = Adapter(model).n_layers
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        types, kwargs = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
-        if len(types) == n:
-            return list(types), list(kwargs)
-    except (ImportError, AttributeError, TypeError):
-        pass
-    return ["full_attention"] * n, [{} for _ in range(n)]
+    return cache_layer_types(model, Adapter(model).n_layers)
 
 
 def check_ops_for(model, ops: Sequence[LayerOp], where: str = "layers") -> None:

@@ -138,3 +138,32 @@ def test_slots_are_exact_when_idle_and_removable(model):
     torch.testing.assert_close(with_slots, eager)
     assert slots_of(model) is None and not slots.handles[0].hooks_dict_ref()
     assert not any(name.startswith("_steer") for name, _ in model.named_buffers())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: transformers' own compiled path")
+def test_cuda_static_cache_cuda_graphs_steer_every_token_per_request():
+    """What users run on a GPU: ``cache_implementation="static"`` compiles with inductor and replays
+    a CUDA graph. Every step is steered, per row, and spec changes do not recompile."""
+    torch._dynamo.reset()
+    model = tiny_model("llama", layers=2).to("cuda", torch.bfloat16)
+    ids = PROMPT.cuda()
+
+    def run(specs, rows=ids):
+        out = model.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=STEPS, min_new_tokens=STEPS,
+                             do_sample=False, cache_implementation="static",
+                             logits_processor=[SteeringProcessor(model, specs)] if specs is not None else None)
+        return out[:, rows.shape[1]:].cpu()
+
+    plain = run(None)
+    forced = [forcing(model, 1, n) for n in (5, 9, 13)]
+    assert (run(forced[0][0], ids[:1]) == forced[0][1]).all()
+    before = graphs()
+    for spec, top in forced[1:]:
+        assert (run(spec, ids[:1]) == top).all()
+    per_row = run([forced[0][0], None, forced[1][0], forced[2][0]])
+    assert (per_row[0] == forced[0][1]).all() and (per_row[2] == forced[1][1]).all() and (per_row[3] == forced[2][1]).all()
+    assert torch.equal(per_row[1], plain[1])
+    assert graphs() - before <= 1  # batch 4 may compile once; spec changes never do
+    again = run([forced[2][0], None, forced[0][0], forced[1][0]])
+    assert graphs() - before <= 1 and (again[0] == forced[2][1]).all()
+    assert torch.equal(run(None), plain)
