@@ -42,9 +42,12 @@ def forcing_specs(model, n: int) -> list[tuple[Spec, int]]:
     """``n`` specs, each setting one last-layer value vector to 3000, with the token it forces."""
     adapter = Adapter(model)
     last = adapter.n_layers - 1
-    tops = adapter.readout(adapter.value_vectors(last).float()).argmax(-1)
+    logits = adapter.readout(adapter.value_vectors(last)).float()
+    best = logits.topk(2, dim=-1).values
+    clear = (best[:, 0] - best[:, 1]) > 0.02 * best[:, 0].abs()  # a clear winner also in bf16
+    tops = torch.where(clear, logits.argmax(-1), -1)
     config = model.config
-    out, seen = [], {config.bos_token_id, config.eos_token_id, config.pad_token_id, 0}  # min_new_tokens bans eos
+    out, seen = [], {config.bos_token_id, config.eos_token_id, config.pad_token_id, 0, -1}  # min_new_tokens bans eos
     for index in range(tops.numel()):
         if int(tops[index]) not in seen:
             seen.add(int(tops[index]))

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from steer.compat import with_cache
+from steer.compat import compile_config, with_cache
+from steer.slots import install_slots
 from steer.models import model_name, position_ids
 from steer.spec import Spec
 from steer.steering import steering
@@ -158,7 +159,7 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
              scorer: ToxicityScorer | str | None = None, judge: tuple | None = None,
              early_exit: tuple | None = None, out_dir: str | os.PathLike | None = None,
              batch_size: int = 64, name: str | None = None, progress: bool = True,
-             generate_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+             generate_kwargs: dict[str, Any] | None = None, compile: bool = False) -> dict[str, Any]:
     """Run the protocol (see module docstring) and return its summary.
 
     ``spec``: a Spec applied with ``steer.steering`` (None: unsteered). ``judge``: (model,
@@ -168,7 +169,9 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
     ``generate`` call (prompts per call = batch_size // samples, at least 1). ``out_dir``: run
     folder; rerunning with the same folder resumes. ``generate_kwargs``: more keyword arguments
     for ``generate`` (e.g. ``bad_words_ids``), on top of the sampling settings (which they may not
-    override); when given, the run folder's config records a digest of them. Keys of the result:
+    override); when given, the run folder's config records a digest of them. ``compile``: generate
+    with a static cache, the decode step compiled (a CUDA graph on GPU) with the edits inside it
+    (steer.slots); not with early exit, whose control flow is per token. Keys of the result:
     emt, emt_std, tox_prob, perplexity, distinct_1..3, tokens_per_s, scorer, n_prompts, samples,
     and a few more.
     """
@@ -176,6 +179,11 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
         raise ValueError("samples, max_new_tokens and batch_size must be >= 1 and top_p in (0, 1]")
     rows = _rows(prompts)
     extra_kwargs = dict(generate_kwargs or {})
+    if compile:
+        if early_exit is not None or (spec is not None and spec.layers):
+            raise ValueError("compile=True cannot run early exit or layer ops: their control flow is per token")
+        install_slots(model)  # one compiled graph for every spec of the run (and of a sweep)
+        extra_kwargs.update(cache_implementation="static", compile_config=compile_config(model))
     clash = sorted(set(extra_kwargs) & set(sampling_kwargs(tokenizer, top_p, max_new_tokens)))
     if clash:
         raise ValueError(f"generate_kwargs may not override the sampling settings ({', '.join(clash)})")
@@ -197,7 +205,9 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
     config = dict(info, spec=spec.to_dict() if spec is not None else None, prompts_per_batch=per_batch,
                   prompts_sha1=hashlib.sha1("\n".join(texts).encode()).hexdigest(), n_prompts=len(rows))
     config.pop("name")
-    if extra_kwargs:  # only when given, so folders of runs without them still match and resume
+    if compile:
+        config["compile"] = True
+    elif extra_kwargs:  # only when given, so folders of runs without them still match and resume
         config["generate_kwargs_sha1"] = hashlib.sha1(
             json.dumps(extra_kwargs, sort_keys=True, default=repr).encode()).hexdigest()
     store = RunStore(out_dir, config, rank) if out_dir is not None else None
@@ -207,7 +217,7 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
     device = next(model.parameters()).device
     kwargs = {**sampling_kwargs(tokenizer, top_p, max_new_tokens), **extra_kwargs}
     # layer ops add cache slots and early exit owns the decoding loop: let generate do it all there
-    share = early_exit is None and not (spec is not None and spec.layers)
+    share = early_exit is None and not (spec is not None and spec.layers) and not compile  # shared prefill: a DynamicCache
     eos = model.generation_config.eos_token_id
     results = dict(done)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=info["name"], unit="batch",
@@ -216,7 +226,8 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
         idx = batches[b]
         enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True).to(device)
         # unsteered and judged by itself: read the judge's log-probs off generate (no second pass)
-        recorder = LogProbRecorder(model) if judge is None and spec is None and early_exit is None else nullcontext()
+        recorder = (LogProbRecorder(model) if judge is None and spec is None and early_exit is None and not compile
+                    else nullcontext())  # its hooks would not run inside a compiled step
         torch.manual_seed(batch_seed(seed, b))
         with ExitStack() as stack, torch.no_grad():
             if spec is not None:

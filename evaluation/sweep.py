@@ -63,6 +63,7 @@ class SweepConfig:
     detoxify_config: str | None = None
     out: str | None = None
     early_exit: dict | None = None
+    compile: bool = False  # static cache, compiled decode step with the edits inside it (steer.slots)
     grid: Grid = field(default_factory=Grid)
 
     @classmethod
@@ -130,6 +131,9 @@ class SweepConfig:
                  "'early_exit' needs exit_model and threshold")
         need(not any(self.grid.early_exit) or self.early_exit is not None,
              "grid.early_exit has true but no 'early_exit: {exit_model: PATH, threshold: X}' is given")
+        need(isinstance(self.compile, bool), f"'compile' must be true or false, got {self.compile!r}")
+        need(not (self.compile and any(self.grid.early_exit)),
+             "'compile: true' cannot run early exit (its control flow is per token): drop one of them")
 
 
 def _no_unknown(data: dict, allowed, where: str) -> None:
@@ -259,7 +263,8 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[dict]:
             model, tokenizer, prompts, spec, samples=config.samples, top_p=config.top_p,
             max_new_tokens=config.max_new_tokens, seed=config.seed, scorer=scorer, judge=judge,
             early_exit=(exit_cfg["exit_model"], exit_cfg["threshold"]) if point.early_exit else None,
-            out_dir=out / point.name, batch_size=config.batch_size, name=point.name, progress=progress)
+            out_dir=out / point.name, batch_size=config.batch_size, name=point.name, progress=progress,
+            compile=config.compile)
         summary.update(strength=point.strength if spec is not None else None,
                        n_vectors=point.n_vectors, exit=point.early_exit)
         summaries.append(summary)

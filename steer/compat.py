@@ -87,3 +87,15 @@ def cache_layer_types(model: torch.nn.Module, n_layers: int) -> tuple[list[str],
         return ["full_attention"] * n_layers, [{} for _ in range(n_layers)]
     kwargs = [dict(kwargs) for _ in types] if isinstance(kwargs, dict) else list(kwargs)
     return list(types), kwargs
+
+
+def compile_config(model: torch.nn.Module):
+    """transformers' settings for a compiled decode step: its defaults (inductor, CUDA graphs) on
+    an accelerator; on CPU, where it compiles only when told, inductor without CUDA graphs."""
+    from transformers import CompileConfig
+
+    if next(model.parameters()).device.type == "cuda":
+        return CompileConfig()
+    config = CompileConfig(mode="default")
+    config._compile_all_devices = True
+    return config

@@ -38,7 +38,7 @@ def generate(model, ids=PROMPT[:1], compiled=True, **kwargs):
 def forcing(model, layer: int, index: int) -> tuple[Spec, int]:
     """A spec that sets one value vector's coefficient huge, and the token it then forces."""
     adapter = Adapter(model)
-    top = int(adapter.readout(adapter.value_vectors(layer)[index][None].float()).argmax())
+    top = int(adapter.readout(adapter.value_vectors(layer)[index][None]).argmax())
     return Spec.build(f"force L{layer}.N{index}", [(f"L{layer}.N{index}", "set", 3000.0)], model=model), top
 
 
@@ -167,3 +167,23 @@ def test_cuda_static_cache_cuda_graphs_steer_every_token_per_request():
     again = run([forced[2][0], None, forced[0][0], forced[1][0]])
     assert graphs() - before <= 1 and (again[0] == forced[2][1]).all()
     assert torch.equal(run(None), plain)
+
+
+def test_run_eval_compiled_gives_the_uncompiled_numbers(monkeypatch):
+    """``steer eval --compile``: the same samples and scores as eager generation, spec included."""
+    from steer.evaluation.protocol import run_eval
+    from steer.evaluation.toxicity import ProfanityCheckScorer
+    from test_eval_helpers import tiny_lm
+
+    torch._dynamo.reset()
+    monkeypatch.setattr("steer.evaluation.protocol.compile_config", lambda model: compile_config())
+    lm, tokenizer = tiny_lm()
+    spec = Spec.build("s", [("L1.N3", "set", 4.0), ("L0.N1", "scale", -2.0)], model=lm)
+    kwargs = dict(samples=2, max_new_tokens=6, scorer=ProfanityCheckScorer(), progress=False, batch_size=4)
+    prompts = ["ab cd", "ef gh ij", "kl"]
+    for s in (None, spec):
+        eager, compiled = run_eval(lm, tokenizer, prompts, s, **kwargs), run_eval(lm, tokenizer, prompts, s, compile=True, **kwargs)
+        for key in ("perplexity", "distinct_1", "distinct_3", "emt"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-5, nan_ok=True), key
+        assert eager["perplexity"] == eager["perplexity"]  # a number, not NaN
+    assert "_compiled_call" in lm.__dict__ and slots_of(lm) is not None

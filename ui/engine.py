@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from steer.compat import compile_config
+from steer.slots import install_slots
 from steer import Adapter, Concept, ConceptScorer, Spec, SpecError, VectorName, VocabIndex, model_name, steering
 from steer.models import cache_dir
 from steer.vocab import project
@@ -88,8 +90,11 @@ class SteerDemo:
     """One model shared by every user of the demo; see the module docstring for the lock."""
 
     def __init__(self, model, tokenizer, *, scorer: str = "auto", exit_model=None,
-                 exit_threshold: float | None = None, limits: Limits = Limits()):
+                 exit_threshold: float | None = None, limits: Limits = Limits(), compile: bool = False):
         self.model, self.tokenizer, self.limits = model, tokenizer, limits
+        self.compile = compile  # static cache + compiled decode step (edits inside it); early exit stays eager
+        if compile:
+            install_slots(model)
         self.adapter = Adapter(model)
         self.name = model_name(model)
         self.lock = threading.Lock()  # held around every forward pass of the model
@@ -416,7 +421,9 @@ class SteerDemo:
                 stats = stack.enter_context(exiting(self.model, exit_model, threshold))
             torch.manual_seed(int(sampling.seed))
             start = time.perf_counter()
-            output = self.model.generate(**inputs, generation_config=config)
+            compiled = dict(cache_implementation="static", compile_config=compile_config(self.model)) \
+                if self.compile and not early_exit else {}
+            output = self.model.generate(**inputs, generation_config=config, **compiled)
             seconds = time.perf_counter() - start
         new = output[0, inputs["input_ids"].shape[1]:]
         return Continuation(self.tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds,

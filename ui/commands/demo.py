@@ -13,7 +13,8 @@ def _ui(args) -> int:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
     model, tokenizer = load_from_args(args)
     demo = SteerDemo(model, tokenizer, scorer=args.scorer, exit_model=args.exit_model,
-                     exit_threshold=args.exit_threshold, limits=Limits(max_new_tokens=args.max_new_tokens))
+                     exit_threshold=args.exit_threshold, limits=Limits(max_new_tokens=args.max_new_tokens),
+                     compile=args.compile)
     from steer.ui.app import build_app, launch
 
     print(f"steer ui: serving {demo.name} on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
@@ -31,5 +32,7 @@ def register(subparsers) -> None:
     parser.add_argument("--exit-model", default=None, help="saved early-exit model (default: fit one on first use)")
     parser.add_argument("--exit-threshold", type=float, default=None,
                         help="early-exit threshold the page starts with (default: the exit model's calibrated one)")
+    parser.add_argument("--compile", action="store_true",
+                        help="static cache, decode step compiled (a CUDA graph on GPU) with the edits inside it")
     parser.add_argument("--max-new-tokens", type=int, default=200, help="upper bound users may ask for")
     parser.set_defaults(func=_ui)

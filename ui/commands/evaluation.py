@@ -32,6 +32,8 @@ def config_from_args(args) -> "SweepConfig":
                 detoxify_config=args.detoxify_config, grid=grid,
                 early_exit=None if args.early_exit is None else {"exit_model": args.early_exit,
                                                                  "threshold": args.exit_threshold})
+    if args.compile:  # only when asked, so the folder of an uncompiled run keeps its name
+        data["compile"] = True
     config = SweepConfig.from_dict(data, "steer eval")
     if args.out is None:  # the same command always maps to the same folder, so rerunning it resumes
         key = hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
@@ -102,6 +104,8 @@ def register(subparsers) -> None:
                     help="perplexity judge: embedded (default), self (the evaluated model, unsteered), or a model id/path")
     ev.add_argument("--early-exit", default=None, metavar="EXIT_MODEL", help="generate with early exit (an exit model file)")
     ev.add_argument("--exit-threshold", type=float, default=0.9, help="early-exit threshold (default: 0.9)")
+    ev.add_argument("--compile", action="store_true",
+                    help="static cache, decode step compiled (a CUDA graph on GPU) with the edits inside it")
     ev.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/eval-<hash of the options>)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=_eval)
