@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from steer.compat import cache_of, with_cache
+from steer.hooks import hooks
 from steer.models import position_ids
 
 
@@ -107,13 +108,13 @@ class LogProbRecorder:
 
     def __enter__(self) -> "LogProbRecorder":
         self.steps, self._last = [], None
-        self._handles = [self.model.register_forward_pre_hook(self._on_input, with_kwargs=True),
-                         self.model.register_forward_hook(self._on_output)]
+        self._hooks = hooks((self.model, "pre_kwargs", self._on_input), (self.model, "post", self._on_output))
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
+        self._hooks.__exit__(*exc)
+        self._last = None
 
     def _on_input(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)

@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from steer import Adapter
+from steer.hooks import hooks
 
 
 @dataclass
@@ -31,7 +32,6 @@ def recording(model: torch.nn.Module, ffn_layers: list[int]) -> Iterator[dict]:
     """Hooks filling ``store['hidden'][l]``, ``store['coef'][l]``, ``store['update'][l]`` (batch row 0)."""
     adapter = Adapter(model)
     store: dict = {"hidden": {}, "coef": {}, "update": {}}
-    handles = []
 
     def on_input(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -48,16 +48,17 @@ def recording(model: torch.nn.Module, ffn_layers: list[int]) -> Iterator[dict]:
             store["update"][layer] = output[0].detach().float()
         return hook
 
+    entries = [(adapter.layers[0], "pre_kwargs", on_input)]
+    entries += [(module, "post", on_layer(layer)) for layer, module in enumerate(adapter.layers)]
+    entries += [(adapter.ffn_out(layer), "post", on_ffn(layer)) for layer in ffn_layers]
     try:
-        handles.append(adapter.layers[0].register_forward_pre_hook(on_input, with_kwargs=True))
-        for layer, module in enumerate(adapter.layers):
-            handles.append(module.register_forward_hook(on_layer(layer)))
-        for layer in ffn_layers:
-            handles.append(adapter.ffn_out(layer).register_forward_hook(on_ffn(layer)))
-        yield store
+        with hooks(*entries):
+            yield store
     finally:
-        for handle in handles:
-            handle.remove()
+        for part in store.values():
+            if isinstance(part, dict):
+                part.clear()
+        store.pop("embedded", None)
 
 
 @torch.no_grad()

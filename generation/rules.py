@@ -48,6 +48,8 @@ def check_threshold(threshold: float) -> float:
 def layer_bounds(layers: list[int], n_layers: int, threshold: float) -> list[float]:
     """Per-layer logit bounds of the cost-aware criterion (``inf`` = never exit there)."""
     first = n_layers - 1 - min(layers)
+    if first <= 0 or max(layers) >= n_layers - 1:
+        raise ValueError(f"exit check layers must lie below the last layer ({n_layers - 1}), got {sorted(layers)}")
     bounds = []
     for layer in layers:
         risk = (1.0 - threshold) * (n_layers - 1 - layer) / first  # allowed 1 - p at this layer

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .families import Adapter
+from .hooks import hooks
 from .layers import LayerOp, executed_layers, layer_ops
 
 
@@ -95,12 +96,8 @@ def recording(layers: Sequence[torch.nn.Module], store: list) -> Iterator[None]:
             store[i] = output
         return record
 
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
+    with hooks(*[(layer, "post", hook(i)) for i, layer in enumerate(layers)]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _forward(model, ids: torch.Tensor) -> torch.Tensor:
