@@ -1,7 +1,7 @@
 """Tokens/s of steered generation (10 value vectors set to 3.0) vs plain ``generate``.
 
-Greedy, 64 new tokens, batch 1 and batch 16, alternating plain/steered runs in one process;
-medians of several runs. Last line: ``RESULT overhead_bs1=<ratio> overhead_bs16=<ratio>``
+Greedy, 64 new tokens, batch 1 and batch 16, in one process: both sides warmed up, the order
+alternating run by run (plain first on even runs, steered first on odd), medians of the runs. Last line: ``RESULT overhead_bs1=<ratio> overhead_bs16=<ratio>``
 (plain tokens/s divided by steered tokens/s; target <= 1.05).
 """
 from __future__ import annotations
@@ -45,12 +45,18 @@ def main() -> None:
     ratios = {}
     for batch_size in (1, 16):
         batch = tokenizer(prompts[:batch_size], return_tensors="pt", padding=True).to(model.device)
-        timed_generate(model, batch, 4)  # warm-up
-        plain, steered = [], []
-        for _ in range(args.runs):
-            plain.append(timed_generate(model, batch, args.new_tokens))
+        def run_plain() -> float:
+            return timed_generate(model, batch, args.new_tokens)
+
+        def run_steered() -> float:
             with steering(model, spec):
-                steered.append(timed_generate(model, batch, args.new_tokens))
+                return timed_generate(model, batch, args.new_tokens)
+
+        run_plain(), run_steered()  # warm up both sides
+        plain, steered = [], []
+        for r in range(args.runs):
+            for side in ((run_plain, plain), (run_steered, steered))[:: 1 if r % 2 == 0 else -1]:
+                side[1].append(side[0]())
         p, s = statistics.median(plain), statistics.median(steered)
         ratios[batch_size] = p / s
         print(f"batch {batch_size:>2}: plain {p:8.1f} tok/s, steered {s:8.1f} tok/s, overhead {p / s:.3f}x")

@@ -1,6 +1,7 @@
 """Index all value vectors of a model vs the floor: the same matmuls with no top-k selection.
 
-Runs both side by side (alternating, several repetitions) in one process and prints medians.
+Runs both side by side in one process: both warmed up, the order alternating repetition by
+repetition, medians.
 Last line: ``RESULT projection_vs_matmul=<ratio>`` (target <= 1.2).
 """
 from __future__ import annotations
@@ -46,15 +47,19 @@ def main() -> None:
     adapter = Adapter(model)
     print(f"model: {adapter.n_layers} layers x {adapter.d_ff} value vectors, vocabulary {adapter.vocab_size}, "
           f"{device}, {dtype}")
-    floor(model, dtype)  # warm-up
-    index_times, floor_times = [], []
-    for rep in range(args.reps):
-        floor_times.append(floor(model, dtype))
+    def index() -> float:
         sync(device)
         start = time.perf_counter()
         VocabIndex.build(model, cache=False, dtype=dtype)
         sync(device)
-        index_times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    floor(model, dtype), index()  # warm up both sides
+    index_times, floor_times = [], []
+    for rep in range(args.reps):
+        sides = ((lambda: floor(model, dtype), floor_times), (index, index_times))
+        for run, times in sides[:: 1 if rep % 2 == 0 else -1]:
+            times.append(run())
         print(f"rep {rep}: index {index_times[-1]:.2f} s, plain matmul {floor_times[-1]:.2f} s")
     index_s, floor_s = statistics.median(index_times), statistics.median(floor_times)
     print(f"median: index {index_s:.2f} s, plain matmul {floor_s:.2f} s")
