@@ -114,7 +114,6 @@ class LogProbRecorder:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
-        self._last = None
 
     def _on_input(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)

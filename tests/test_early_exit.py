@@ -367,14 +367,17 @@ def test_cli_generate_with_early_exit_and_steering(embedded, tmp_path, capsys):
 
     model, tokenizer = embedded
     exit_model_for(model, check=(20, 24), bias=50.0, maps=LayerMaps.identity([20, 24], 576)).save(tmp_path / "em")
-    Spec.build("none", [(3, 7, "scale", 1.0)], model=model).save(tmp_path / "spec.json")
-    base = ["generate", "The function returns", "--max-new-tokens", "6"]
+    Spec.build("help", [("L22.N888", "set", 8.0), ("L20.N630", "set", 8.0)], model=model).save(tmp_path / "spec.json")
+    base = ["generate", "The old man looked at the stranger and said", "--max-new-tokens", "8"]
     assert main(base) == 0
     plain = capsys.readouterr().out.splitlines()[0]
+    assert main(base + ["--intervention", str(tmp_path / "spec.json")]) == 0
+    steered = capsys.readouterr().out.splitlines()[0]
+    assert steered != plain  # the spec changes the output ...
     assert main(base + ["--early-exit", str(tmp_path / "em"), "--threshold", "1", "--intervention",
                         str(tmp_path / "spec.json")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == plain and "saved 0.0%" in out[-1]
+    assert out[0] == steered and "saved 0.0%" in out[-1]  # ... and composes with early exit that never exits
     assert main(base + ["--early-exit", str(tmp_path / "em"), "--threshold", "0.5"]) == 0
     assert "saved 30.0%" in capsys.readouterr().out  # exits after layer 20 of 30: 9 layers skipped
     assert main(base + ["--early-exit", str(tmp_path / "em"), "--threshold", "1.5"]) == 2

@@ -106,11 +106,23 @@ def test_generation_modes_and_left_padding():
     with steering(model, spec):
         alone = [model.generate(p, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, -6:] for p in (short, PROMPT)]
         padded = model.generate(batch, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)[:, -6:]
+    adapter = Adapter(model)
+    forced = int(adapter.readout(adapter.value_vectors(1)[2][None]).argmax())  # what L1.N2 promotes
+    strong = spec_for(model, [(1, 2, "set", 3000.0)])  # so strong that it decides every greedy/beam token
+    with steering(model, strong):
         torch.manual_seed(0)
-        sampled = model.generate(PROMPT, max_new_tokens=6, do_sample=True, top_p=0.9, num_return_sequences=3)
-        beams = model.generate(PROMPT, max_new_tokens=6, do_sample=False, num_beams=3)
+        sampled = model.generate(PROMPT, max_new_tokens=6, min_new_tokens=6, do_sample=True, top_p=0.9,
+                                 num_return_sequences=3, output_logits=True, return_dict_in_generate=True)
+        beams = model.generate(PROMPT, max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=3)
     assert torch.equal(padded[0], alone[0]) and torch.equal(padded[1], alone[1])
-    assert sampled.shape == (3, 12) and beams.shape == (1, 12)
+    assert sampled.sequences.shape == (3, 12) and beams.shape == (1, 12)
+    assert (beams[:, 6:] == forced).all()  # steered, not only shaped
+    # every sampled step's logits are the steered model's for that prefix, not the plain model's
+    with steering(model, strong):
+        steered_logits = torch.stack([model(sampled.sequences[:, :6 + t]).logits[:, -1] for t in range(6)], 1)
+    plain_logits = torch.stack([model(sampled.sequences[:, :6 + t]).logits[:, -1] for t in range(6)], 1)
+    torch.testing.assert_close(torch.stack(sampled.logits, 1), steered_logits, rtol=1e-4, atol=1e-4)
+    assert (steered_logits - plain_logits).abs().max() > 0.1
     assert no_hooks(model)
 
 

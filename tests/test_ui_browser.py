@@ -2,11 +2,13 @@
 
 Serves the demo on the embedded model, finds value vectors in the explorer and adds one to the
 intervention, types a prompt, clicks Generate, and checks both continuations and their toxicity
-scores appear; the page must fetch nothing from anywhere but its own server. Saves the
-screenshot README shows (docs/ui.png).
+scores appear; the page must fetch nothing from anywhere but its own server. The screenshot goes
+to a temporary folder; with STEER_REFRESH_SCREENSHOT=1 it refreshes the one README shows
+(docs/ui.png).
 """
 from __future__ import annotations
 
+import os
 import re
 import socket
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "ui.png"
+README_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "ui.png"
 PROMPT = "I can't believe you did that again, you"
 
 pytestmark = [
@@ -103,8 +105,9 @@ def test_browser_explore_then_generate_side_by_side(served, tmp_path):
             assert (plain, steered) == (expected[0].text, expected[1].text)
 
             page.mouse.move(0, 0)
-            SCREENSHOT.parent.mkdir(exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            shot = README_SCREENSHOT if os.environ.get("STEER_REFRESH_SCREENSHOT") == "1" else tmp_path / "ui.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
 
             # loading a spec file replaces the intervention
             uploaded = Spec.build("two vectors", [("L3.N7", "set", 2.0), ("L20.N5", "scale", 0.0)], model=demo.model)

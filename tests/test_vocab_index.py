@@ -39,12 +39,16 @@ def test_index_matches_brute_force(family):
         assert torch.equal(index.top_ids[layer].long(), top.indices)
 
 
-def test_index_is_cached_and_keyed_by_weights(tmp_path):
+def test_index_is_cached_and_keyed_by_weights(tmp_path, monkeypatch):
+    import steer.vocab
+
     model = tiny_model("llama")
     first = VocabIndex.build(model, k=5)
     files = list((tmp_path / "cache" / "index").glob("*.pt"))
     assert len(files) == 1
-    again = VocabIndex.build(model, k=5)
+    with monkeypatch.context() as patch:  # the second build must load from disk: computing would fail
+        patch.setattr(steer.vocab, "_select", lambda *a, **k: pytest.fail("recomputed instead of loading"))
+        again = VocabIndex.build(model, k=5)
     assert torch.equal(first.top_ids, again.top_ids)
     assert len(list((tmp_path / "cache" / "index").glob("*.pt"))) == 1
     with torch.no_grad():
