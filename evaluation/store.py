@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from steer.identity import atomic_write
+
 
 def ensure_writable(folder: str | os.PathLike) -> Path:
     """Create ``folder`` and prove we can write there, or raise a clear ValueError."""
@@ -34,9 +36,7 @@ def ensure_writable(folder: str | os.PathLike) -> Path:
 
 def write_json(path: Path, data: Any) -> None:
     """Atomic JSON write (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def _parse(path: Path, repair: bool) -> dict[int, tuple[dict, list[dict]]]:
@@ -64,9 +64,7 @@ def _parse(path: Path, repair: bool) -> dict[int, tuple[dict, list[dict]]]:
         else:
             pending.setdefault(batch, []).append((line, row))
     if repair and (tail or pending or len(kept) < len(lines)):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8"))
     return complete
 
 

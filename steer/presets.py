@@ -6,18 +6,11 @@ from pathlib import Path
 
 import torch
 
-from .families import Adapter
+from .identity import weight_norms as fingerprint
 from .spec import ModelShape, Spec
 
 PRESET_DIR = "data/presets"
 PRESETS = {"SmolLM2-135M-Instruct": "smollm2-135m-detox.json"}
-
-
-def fingerprint(model, n: int = 6) -> list[float]:
-    """Norms of a few value vectors: tells apart models of one shape, robust to dtype and device."""
-    adapter = Adapter(model)
-    rows = [adapter.value_vectors(layer)[:n].detach().float().norm(dim=1) for layer in (0, adapter.n_layers - 1)]
-    return [round(float(x), 4) for x in torch.cat(rows)]
 
 
 def _matches(spec: Spec, model) -> bool:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .families import Adapter
-from .models import cache_dir, weights_digest
+from .identity import atomic_write, weights_digest
+from .models import cache_dir
 from .names import VectorName
 
 GROUP = 64
@@ -103,10 +104,7 @@ class VocabIndex:
         out = {name: tensor.cpu() for name, tensor in out.items()}
         index = cls(**out, through_norm=through_norm)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({**out, "through_norm": through_norm}, tmp)
-            tmp.rename(path)
+            atomic_write(path, lambda tmp: torch.save({**out, "through_norm": through_norm}, tmp))
         return index
 
     @property

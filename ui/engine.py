@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import shutil
 import threading
 import time
 from contextlib import ExitStack
@@ -196,11 +194,7 @@ class SteerDemo:
                     with self.lock:  # 16k tokens: a few minutes on CPU (131k saves ~2 points more; fit it offline)
                         fitted = generation.fit_exit_model(self.model, self.tokenizer, docstring_text("fit"),
                                                            max_tokens=16384)
-                    tmp = fitted.save(self._exit_cache().with_suffix(f".{os.getpid()}.tmp"))
-                    if self._exit_cache().exists():  # another process fitted it meanwhile
-                        shutil.rmtree(tmp)
-                    else:
-                        tmp.rename(self._exit_cache())
+                    fitted.save_atomic(self._exit_cache())  # kept as is if another process fitted it meanwhile
                     self._exit_model = fitted
                 elif isinstance(source, (str, Path)):
                     self._exit_model = generation.load_exit_model(source)
