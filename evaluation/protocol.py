@@ -240,7 +240,7 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
             out = generate_samples(model, enc, samples, share, recorder=recorder, **kwargs)
             seconds = time.perf_counter() - start
             saved = float(stats.layers_saved_fraction) if stats is not None else None
-            wanted = float(stats.wanted_saved_fraction) if stats is not None else None  # = saved at batch 1
+            wanted = getattr(stats, "wanted_saved_fraction", saved) if stats is not None else None  # = saved at batch 1
         new = out[:, enc["input_ids"].shape[1]:]
         lengths, text_lengths = _generated_lengths(new, eos)
         continuations = tokenizer.batch_decode(new, skip_special_tokens=True)
