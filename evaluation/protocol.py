@@ -151,6 +151,9 @@ def summarize(batches: dict[int, tuple[dict, list[dict]]], **info: Any) -> dict[
         summary[f"distinct_{n}"] = float(np.nanmean(values)) if any(map(math.isfinite, values)) else math.nan
     saved = [(f["layers_saved"], f["tokens"]) for f in footers if f.get("layers_saved") is not None]
     summary["layers_saved"] = (sum(s * t for s, t in saved) / max(1, sum(t for _, t in saved))) if saved else None
+    # what the rows' exits asked for: the saving each row gets at batch 1 (rows run alone)
+    wanted = [(f["layers_wanted"], f["tokens"]) for f in footers if f.get("layers_wanted") is not None]
+    summary["layers_wanted"] = (sum(s * t for s, t in wanted) / max(1, sum(t for _, t in wanted))) if wanted else None
     return summary
 
 
@@ -237,6 +240,7 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
             out = generate_samples(model, enc, samples, share, recorder=recorder, **kwargs)
             seconds = time.perf_counter() - start
             saved = float(stats.layers_saved_fraction) if stats is not None else None
+            wanted = getattr(stats, "wanted_saved_fraction", saved) if stats is not None else None  # = saved at batch 1
         new = out[:, enc["input_ids"].shape[1]:]
         lengths, text_lengths = _generated_lengths(new, eos)
         continuations = tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -259,7 +263,7 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
             extra = {k: v for k, v in rows[i].items() if k not in ("text", "batch", "done")}  # the store's keys
             out_rows.append({**extra, "index": i, "prompt": texts[i], "continuations": continuations[part],
                              "toxicity": toxicity[part], "perplexity": perplexity[part], "tokens": lengths[part]})
-        footer = dict(tokens=int(sum(lengths)), seconds=seconds, layers_saved=saved)
+        footer = dict(tokens=int(sum(lengths)), seconds=seconds, layers_saved=saved, layers_wanted=wanted)
         if store is not None:
             store.append(b, out_rows, footer)
         results[b] = (footer, out_rows)

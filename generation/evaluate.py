@@ -28,46 +28,61 @@ from steer import Adapter
 
 from .corpus import token_chunks
 from .exit_model import ExitModel
-from .fit import THRESHOLDS, Records, mapped_top, record
+from .calibrate import TokenStats
+from .fit import THRESHOLDS, Records, mapped_stats, record
 from .runtime import early_exit
-from .simulate import classifier_exits, confidence_exits, oracle_exits, outcome, saved_at
+from .simulate import classifier_exits, confidence_exits, distribution_outcome, oracle_exits, outcome, saved_at
 
 
 @dataclass
 class Heldout:
-    """Held-out records read through an exit model: everything the simulation needs."""
+    """Held-out records read through an exit model: everything the simulation needs.
+
+    ``records`` covers every position of ``chunks``; the simulation reads the ``scored`` ones
+    (positions after each chunk's prompt, the ones a generating model decides)."""
 
     records: Records
     chunks: list[torch.Tensor]
-    correct: np.ndarray  # (N, n_check)
-    top_prob: np.ndarray  # (N, n_check)
-    logits: np.ndarray  # (N, n_check) classifier log-odds
+    correct: np.ndarray  # (N_scored, n_check)
+    top_prob: np.ndarray  # (N_scored, n_check)
+    logits: np.ndarray  # (N_scored, n_check) classifier log-odds
+    stats: TokenStats | None = None  # calibrated exit distributions, scored positions
+    full_nll: np.ndarray | None = None  # (N_scored,) the full model's NLL of the next token
+    prompt_lens: list[int] | None = None
 
 
 @torch.no_grad()
-def prepare(model, tokenizer, text: str, exit_model: ExitModel, max_tokens: int = 4096, chunk: int = 128) -> Heldout:
+def prepare(model, tokenizer, text: str | None, exit_model: ExitModel, max_tokens: int = 4096, chunk: int = 128,
+            samples: list | None = None) -> Heldout:
+    """Record held-out ``text`` (cut into chunks), or ``samples`` (:class:`generation.selfgen.Sample`:
+    prompt + continuation, only the continuation scored), and read them through ``exit_model``."""
     exit_model.check_model(model)
-    chunks = token_chunks(tokenizer, text, chunk, max_tokens)
+    if samples is not None:
+        chunks, prompt_lens = [s.ids for s in samples], [s.prompt_len for s in samples]
+    else:
+        chunks, prompt_lens = token_chunks(tokenizer, text, chunk, max_tokens), None
     if not chunks:
         raise ValueError(f"the held-out text is too short: it has fewer than {chunk} tokens")
-    records = record(model, chunks, exit_model.check_layers)
-    correct, top_prob = mapped_top(model, records, exit_model.maps)
-    logits = np.stack([exit_model.log_odds(torch.from_numpy(records.features(j, exit_model.feature_set)), j).numpy()
+    records = record(model, chunks, exit_model.check_layers, prompt_lens=prompt_lens)
+    scored = records.select(records.scored)
+    stats = mapped_stats(model, scored, exit_model.maps, exit_model.exit_scale)
+    logits = np.stack([exit_model.log_odds(torch.from_numpy(scored.features(j, exit_model.feature_set)), j).numpy()
                        for j in range(len(records.layers))], 1)
-    return Heldout(records, chunks, correct, top_prob, logits)
+    return Heldout(records, chunks, stats.correct, stats.top_prob, logits, stats,
+                   -scored.logprob_next.numpy().astype(float), prompt_lens)
 
 
 def simulated_curves(held: Heldout, n_layers: int, thresholds=THRESHOLDS) -> dict:
-    """``{rule: [(threshold, saved, agreement), ...]}`` plus the oracle's saving."""
+    """``{rule: [(threshold, saved, agreement), ...]}``, the same as dicts with KL and perplexity
+    rise (``points``), the oracle's saving and each rule's saving at >= 95% agreement."""
     layers = held.records.layers
-    curves = {
-        "classifier": [(t, *outcome(classifier_exits(held.logits, layers, n_layers, t), held.correct, layers, n_layers))
-                       for t in thresholds],
-        "confidence": [(t, *outcome(confidence_exits(held.top_prob, layers, n_layers, t), held.correct, layers, n_layers))
-                       for t in thresholds],
-    }
+    exits = {"classifier": lambda t: classifier_exits(held.logits, layers, n_layers, t),
+             "confidence": lambda t: confidence_exits(held.top_prob, layers, n_layers, t)}
+    points = {rule: [dict(threshold=t, **distribution_outcome(fn(t), held.stats, held.full_nll, layers, n_layers))
+                     for t in thresholds] for rule, fn in exits.items()}
+    curves = {rule: [(p["threshold"], p["saved"], p["agreement"]) for p in pts] for rule, pts in points.items()}
     oracle = outcome(oracle_exits(held.correct, layers, n_layers), held.correct, layers, n_layers)[0]
-    return {"curves": curves, "oracle_saved": oracle,
+    return {"curves": curves, "points": points, "oracle_saved": oracle,
             "saved_at_95": {rule: saved_at([(s, a) for _, s, a in points]) for rule, points in curves.items()}}
 
 
@@ -80,31 +95,43 @@ def threshold_for(points: list[tuple[float, float, float]], agreement: float = 0
 @torch.no_grad()
 def teacher_forced(model, held: Heldout, exit_model: ExitModel, rule: str, threshold: float,
                    max_chunks: int | None = None, propagate: str = "defer", prompt_positions: int = 0) -> dict:
-    """Real early exit over held-out chunks (positions="all"): agreement, saved, perplexity change.
+    """Real early exit over held-out chunks (positions="all"): agreement, saved, perplexity change, KL.
 
-    ``saved`` is what the positions' exits skip (``wanted_saved_fraction``): token-by-token decoding
-    skips exactly that; one parallel pass computes a layer while any position still needs it.
-    ``propagate`` and ``prompt_positions`` are :func:`early_exit`'s."""
+    ``saved`` is what the scored positions' exits skip (``wanted_saved_fraction``): token-by-token
+    decoding skips exactly that; one parallel pass computes a layer while any position still needs
+    it. Prompt positions of ``held`` (or the first ``prompt_positions``) never exit and are not
+    counted. ``propagate`` is :func:`early_exit`'s."""
     device = next(model.parameters()).device
+    adapter = Adapter(model)
     chunks = held.chunks[:max_chunks] if max_chunks else held.chunks
-    n = sum(c.shape[1] for c in chunks)
-    agree, nll = [], []
-    with early_exit(model, exit_model, threshold, rule=rule, positions="all", propagate=propagate,
-                    prompt_positions=prompt_positions) as stats:
-        for ids in chunks:
+    agree, nll, full_nll, kl = [], [], [], []
+    saved_layers, scored, offset = 0.0, 0, 0
+    for i, ids in enumerate(chunks):
+        start = max(prompt_positions, held.prompt_lens[i] if held.prompt_lens else 0)
+        with early_exit(model, exit_model, threshold, rule=rule, positions="all", propagate=propagate,
+                        prompt_positions=start) as stats:
             logits = model(ids.to(device), use_cache=False).logits[0].float()
-            agree.append(logits.argmax(-1).cpu())
-            nll.append(-logits.log_softmax(-1)[:-1].gather(1, ids[0, 1:].to(device)[:, None])[:, 0].cpu())
-    top1 = held.records.top1[:n]
-    full_nll = -held.records.logprob_next[:n]
-    full_nll = full_nll[~torch.isnan(full_nll)]
-    exit_nll = torch.cat(nll)
+        length = ids.shape[1]
+        saved_layers += stats.wanted_saved_fraction * stats.tokens * stats.n_layers
+        rows = slice(offset + start, offset + length)
+        offset += length
+        scored += length - start
+        top1 = held.records.top1[rows]
+        agree.append((logits[start:].argmax(-1).cpu() == top1).float())
+        full = adapter.readout(held.records.last[rows].to(device, adapter.unembed.weight.dtype)).float().log_softmax(-1)
+        logq = logits[start:].log_softmax(-1)
+        kl.append((full.exp() * (full - logq)).sum(-1).cpu())
+        nxt = ids[0, start + 1:].to(device)
+        nll.append(-logq[:-1].gather(1, nxt[:, None])[:, 0].cpu())
+        full_nll.append(-held.records.logprob_next[rows][:-1])
+    exit_nll, full_nll = torch.cat(nll), torch.cat(full_nll)
     return {
-        "agreement": float((torch.cat(agree) == top1).float().mean()),
-        "saved": stats.wanted_saved_fraction,
+        "agreement": float(torch.cat(agree).mean()),
+        "saved": saved_layers / max(1, scored * Adapter(model).n_layers),
         "perplexity": math.exp(float(exit_nll.mean())),
         "perplexity_full": math.exp(float(full_nll.mean())),
-        "tokens": n,
+        "kl": float(torch.cat(kl).mean()),
+        "tokens": scored,
     }
 
 

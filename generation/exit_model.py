@@ -41,6 +41,7 @@ class ExitModel:
     feature_set: str = "direction"  # see generation.features
     info: dict = field(default_factory=dict)  # fit statistics and the calibration curve
     probe: Probe | None = None  # the classifier's MLP body (None: linear on the features)
+    exit_scale: list[float] | None = None  # per check layer, inverse temperature of exited logits (None: 1)
 
     def __post_init__(self) -> None:
         from .features import SCALARS, check_feature_set
@@ -55,6 +56,9 @@ class ExitModel:
             raise ValueError(f"exit classifier has shape {tuple(self.weight.shape)}, expected "
                              f"({len(self.check_layers)}, {width}) for {len(self.check_layers)} check layers and "
                              f"feature set {self.feature_set!r}")
+        if self.exit_scale is not None and len(self.exit_scale) != len(self.check_layers):
+            raise ValueError(f"exit model has {len(self.exit_scale)} exit temperatures for "
+                             f"{len(self.check_layers)} check layers")
         missing = [layer for layer in self.check_layers if layer not in self.maps]
         if missing:
             raise ValueError(f"no layer map for check layers {missing}")
@@ -81,6 +85,19 @@ class ExitModel:
             return ConfidenceRule(self.check_layers, self.maps, readout, threshold)
         raise ValueError(f"unknown exit rule {name!r}: choose from {', '.join(RULES)}")
 
+    def threshold_for(self, agreement: float | None = None, kl: float | None = None,
+                      ppl_rise: float | None = None) -> float:
+        """The threshold meeting these targets on the fit's held-back tokens (its calibration curve):
+        top-1 agreement, mean KL to the full model (nats a token), perplexity rise (0.08 = +8%)."""
+        from .simulate import pick_threshold
+
+        points = [dict(threshold=p[0], saved=p[1], agreement=p[2], kl=p[3] if len(p) > 3 else float("nan"),
+                       ppl_rise=p[4] if len(p) > 4 else float("nan")) for p in self.info.get("calibration", [])]
+        if (kl is not None or ppl_rise is not None) and points and points[0]["kl"] != points[0]["kl"]:
+            raise ValueError("this exit model's calibration curve has no KL or perplexity: refit it with "
+                             "`steer early-exit fit` to target them")
+        return pick_threshold(points, agreement, kl, ppl_rise)
+
     def log_odds(self, features: torch.Tensor, j: int) -> torch.Tensor:
         """The classifier's log-odds at check layer number ``j`` for features ``(..., F)`` (float32)."""
         body = features.float() if self.probe is None else self.probe.encode(features.float(), j)
@@ -93,6 +110,7 @@ class ExitModel:
             "format": FORMAT, "model_name": self.model_name, "fingerprint": self.fingerprint,
             "n_layers": self.n_layers, "d_model": self.d_model, "check_layers": self.check_layers,
             "default_threshold": self.default_threshold, "feature_set": self.feature_set, "info": self.info,
+            "exit_scale": self.exit_scale,
         }
         tensors = dict(self.maps.state_dict(), **{"classifier.weight": self.weight.contiguous(),
                                                   "classifier.bias": self.bias.contiguous()})
@@ -123,7 +141,7 @@ def load_exit_model(path: str | Path) -> ExitModel:
         d_model=meta["d_model"], maps=LayerMaps.from_state_dict(tensors), check_layers=list(meta["check_layers"]),
         weight=tensors["classifier.weight"], bias=tensors["classifier.bias"],
         default_threshold=float(meta["default_threshold"]), feature_set=meta.get("feature_set", "ffn"),
-        info=meta.get("info", {}),
+        info=meta.get("info", {}), exit_scale=meta.get("exit_scale"),
         probe=Probe(**{k[len("probe."):]: v for k, v in tensors.items() if k.startswith("probe.")})
         if "probe.w1" in tensors else None,
     )

@@ -8,7 +8,8 @@ stock ones; the wrapper decides what each layer does for the new token:
 * before the exit: run the layer; at a check layer ask the exit rule;
 * after the exit: do not run the layer. At the last layer the token's output is replaced by
   the mapped state ``map[exit](h_exit)``, so the model's own final norm and LM head give the
-  logits.
+  logits; a hook on the LM head multiplies an exited position's logits by its exit layer's
+  inverse temperature (``ExitModel.exit_scale``, :mod:`generation.calibrate`).
 
 Later tokens attend to this position at every layer, so its key/value entries must exist.
 Schemes (``propagate=``), measured in docs/early_exit.md:
@@ -167,6 +168,13 @@ class _Controller:
         self.pending: list[_Pending] = []
         self.pending_cache: Cache | None = None
         self.last_mask: torch.Tensor | None = None
+        # calibrated exits: exited positions' logits are multiplied by their exit layer's inverse temperature
+        self.scale_of: torch.Tensor | None = None
+        if exit_model.exit_scale is not None and any(b != 1.0 for b in exit_model.exit_scale):
+            self.scale_of = torch.ones(self.n_layers)
+            for layer, beta in zip(exit_model.check_layers, exit_model.exit_scale):
+                self.scale_of[layer] = beta
+        self.logit_scale: torch.Tensor | None = None  # (batch, positions) for the next LM-head call
         self._begin(None, (), {})
 
     # -- one forward ---------------------------------------------------------------------
@@ -195,6 +203,13 @@ class _Controller:
             self.cache = cache
             slot = self.mask_slots[0]
             self.last_mask = args[slot] if slot is not None and slot < len(args) else kwargs.get("attention_mask")
+
+    def scale_logits(self, module, args, output):
+        """LM-head hook: calibrate the logits of exited positions (:mod:`generation.calibrate`)."""
+        scale, self.logit_scale = self.logit_scale, None
+        if scale is None or output.dim() != 3:
+            return None
+        return output * scale[:, -output.shape[1]:, None].to(output.device, output.dtype)
 
     def ffn_hook(self, layer: int):
         def hook(module, args, output):
@@ -270,6 +285,8 @@ class _Controller:
                 self.stats.exit_layers.update(self.exit_layer.flatten().tolist())
         if not self.stopped and self.step_pos is not None:
             self.pending.clear()  # the new token went through every layer, and the pending ones with it
+        if self.exit_layer is not None and self.scale_of is not None:
+            self.logit_scale = self.scale_of.to(self.exit_layer.device)[self.exit_layer]
         if self.stopped:
             out = self.final
         elif self.exited is not None:
@@ -394,6 +411,8 @@ def early_exit(model: torch.nn.Module, exit_model: "ExitModel", threshold: float
         controller.originals[layer] = module.forward  # bound method, or accelerate's instance-level wrapper
     ffn_hooks = [(adapter.ffn_out(layer), "post", controller.ffn_hook(layer))
                  for layer in exit_rule.layers] if exit_rule.needs_ffn else []
+    if controller.scale_of is not None:
+        ffn_hooks.append((adapter.unembed, "post", controller.scale_logits))
     try:
         with replaced_forwards([(module, forward_of(layer, controller.originals[layer]))
                                 for layer, module in enumerate(adapter.layers)]), hooks(*ffn_hooks):

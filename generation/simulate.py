@@ -52,3 +52,34 @@ def saved_at(points: list[tuple[float, float]], agreement: float = 0.95) -> floa
     """Most compute saved among curve points whose agreement is at least ``agreement``."""
     ok = [saved for saved, agree in points if agree >= agreement]
     return max(ok) if ok else 0.0
+
+
+def distribution_outcome(exit_layer: np.ndarray, stats, full_nll: np.ndarray, layers: list[int],
+                         n_layers: int) -> dict[str, float]:
+    """Saved, top-1 agreement, mean KL to the full model (nats a token) and the perplexity rise of
+    the text under the exit distributions, for exits ``exit_layer`` over :class:`TokenStats` rows.
+
+    ``full_nll``: the full model's negative log-likelihood of each next token (nan: none)."""
+    saved, agree = outcome(exit_layer, stats.correct, layers, n_layers)
+    kl = np.zeros(exit_layer.shape[0])
+    nll = np.array(full_nll, dtype=float)
+    for j, layer in enumerate(layers):
+        at = exit_layer == layer
+        kl = np.where(at, stats.kl[:, j], kl)
+        nll = np.where(at, stats.nll[:, j], nll)
+    has = np.isfinite(full_nll) & np.isfinite(nll)
+    rise = float(np.exp(nll[has].mean() - np.asarray(full_nll)[has].mean()) - 1) if has.any() else float("nan")
+    return {"saved": saved, "agreement": agree, "kl": float(np.nanmean(kl)) if kl.size else 0.0, "ppl_rise": rise}
+
+
+def pick_threshold(points: list[dict], agreement: float | None = None, kl: float | None = None,
+                   ppl_rise: float | None = None) -> float:
+    """The threshold saving the most among curve points (dicts with ``threshold``, ``saved``,
+    ``agreement``, ``kl``, ``ppl_rise``) meeting every target given; 1.0 (never exit) if none does.
+
+    ``agreement``: top-1 agreement at least this; ``kl``: mean KL to the full model (nats a token)
+    at most this; ``ppl_rise``: relative perplexity rise at most this (0.08 = +8%)."""
+    ok = [p for p in points
+          if (agreement is None or p["agreement"] >= agreement) and (kl is None or p["kl"] <= kl)
+          and (ppl_rise is None or p["ppl_rise"] <= ppl_rise)]
+    return max(ok, key=lambda p: (p["saved"], -p["threshold"]))["threshold"] if ok else 1.0

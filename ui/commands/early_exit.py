@@ -8,6 +8,7 @@ from pathlib import Path
 from steer.ui.commands.vectors import add_model_args, load_from_args
 
 DOCSTRINGS = "docstrings"
+OWN = "own"  # the model's own samples from a prompt mix (generation.selfgen): the default fit text
 
 
 def _read_text(value: str | None, split: str) -> str:
@@ -25,19 +26,26 @@ def _read_text(value: str | None, split: str) -> str:
 def _fit(args) -> int:
     from steer.generation.fit import fit_exit_model
 
-    text = _read_text(args.text, "fit")
+    text = None if args.text == OWN else _read_text(args.text, "fit")
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     model, tokenizer = load_from_args(args)
+    spec = None
+    if args.intervention:
+        from steer import Spec
+
+        spec = Spec.load(args.intervention).validate(model)
     start = time.perf_counter()
     exit_model = fit_exit_model(model, tokenizer, text, layers=layers, max_tokens=args.max_tokens,
-                                target_agreement=args.target, progress=True)
+                                target_agreement=args.target, target_kl=args.target_kl,
+                                target_ppl_rise=args.target_ppl_rise, spec=spec, progress=True)
     folder = exit_model.save(args.out)
     info = exit_model.info
     print(f"fitted on {info['tokens']} tokens in {time.perf_counter() - start:.0f} s; check layers "
           f"{exit_model.check_layers[0]}..{exit_model.check_layers[-1]}; oracle saves {info['oracle_saved']:.1%} (out-of-fold)")
     point = next(p for p in info["calibration"] if p[0] == exit_model.default_threshold)
-    print(f"default threshold {exit_model.default_threshold}: saves {point[1]:.1%} at {point[2]:.1%} top-1 agreement "
-          f"on the fit text (out-of-fold)")
+    print(f"default threshold {exit_model.default_threshold}: saves {point[1]:.1%} at {point[2]:.1%} top-1 agreement, "
+          f"KL {point[3]:.3f} nats, perplexity {point[4]:+.1%} on held-back fit tokens; exit inverse temperatures "
+          f"{exit_model.exit_scale}")
     print(f"saved to {folder}")
     return 0
 
@@ -124,14 +132,19 @@ def register(subparsers) -> None:
     sub = early.add_subparsers(dest="early_exit_command", required=True)
 
     fit = sub.add_parser("fit", help="fit layer maps and the exit classifier on a text")
-    fit.add_argument("--text", required=True, help=f"UTF-8 text file to fit on, or '{DOCSTRINGS}' (Python's docstrings, "
-                                                   "fit split)")
+    fit.add_argument("--text", default=OWN, help=f"'{OWN}' (default: the model's own samples from a mix of chat, "
+                     f"narrative, news and code prompts), a UTF-8 text file, or '{DOCSTRINGS}' (Python's docstrings)")
     fit.add_argument("--out", required=True, help="folder to write the exit model to")
-    fit.add_argument("--max-tokens", type=int, default=131072, help="tokens of the text to use (default 131072; the "
-                     "classifier's MLP needs about 100k to beat a linear probe)")
+    fit.add_argument("--max-tokens", type=int, default=131072, help="tokens of the text (or of own samples) to use "
+                     "(default 131072; the classifier's MLP needs about 100k to beat a linear probe)")
     fit.add_argument("--layers", default=None, help="check layers, e.g. 8,12,16 (default: a quarter of the depth "
                                                     "up to the second-to-last layer)")
     fit.add_argument("--target", type=float, default=0.95, help="agreement the default threshold must reach")
+    fit.add_argument("--target-kl", type=float, default=None, help="also: mean KL to the full model at most this "
+                                                                     "(nats a token)")
+    fit.add_argument("--target-ppl-rise", type=float, default=None, help="also: perplexity rise at most this (0.08: +8%%)")
+    fit.add_argument("--intervention", default=None, help="spec file: fit for the model steered by it, so exited "
+                                                         "tokens carry the edits of the layers they skip")
     fit.set_defaults(func=_fit)
 
     ev = sub.add_parser("eval", help="side-by-side table and curve on held-out text")
