@@ -87,3 +87,20 @@ def load_prompt_set(path: str | Path | None = None, limit: int | None = None,
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
     """Just the prompt texts (the contract other modules code against)."""
     return list(load_prompt_set(path, limit)["text"])
+
+
+NEUTRAL_TEMPLATES = Path(__file__).resolve().parent.parent / "steer" / "data" / "neutral_templates.json"
+SPLITS = ("selection", "evaluation")
+
+
+def neutral_prompts(split: str | None = None) -> list[str]:
+    """The shipped neutral sentence beginnings (every subject x every predicate, 400), or one half.
+
+    ``selection``: subjects at even positions (builders, layer and strength choices);
+    ``evaluation``: odd positions (benchmarks only). The halves share no subject.
+    """
+    data = json.loads(NEUTRAL_TEMPLATES.read_text(encoding="utf-8"))
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: use selection or evaluation")
+    keep = [i for i in range(len(data["subjects"])) if split is None or i % 2 == SPLITS.index(split)]
+    return [f"{data['subjects'][i]} {predicate}" for i in keep for predicate in data["predicates"]]

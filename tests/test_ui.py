@@ -53,9 +53,11 @@ def spec_b(model) -> Spec:
 # -- engine -------------------------------------------------------------------------------------
 def test_apply_strength_scales_each_edits_change():
     spec = Spec.build("s", [("L0.N1", "scale", 0.5), ("L0.N2", "add", 2.0), ("L0.N3", "set", 4.0)])
-    assert [e.value for e in apply_strength(spec, 1.0).edits] == [0.5, 2.0, 4.0]
-    assert [e.value for e in apply_strength(spec, 2.0).edits] == [0.0, 4.0, 8.0]
-    assert [e.value for e in apply_strength(spec, 0.0).edits] == [1.0, 0.0, 0.0]
+    assert apply_strength(spec, 1.0) == spec
+    # one meaning everywhere (Spec.scaled): each vector's map a -> a*m + c moves toward identity
+    assert [(e.op, e.value) for e in apply_strength(spec, 2.0).edits] == [
+        ("scale", 0.0), ("scale", 1.0), ("add", 4.0), ("scale", -1.0), ("add", 8.0)]
+    assert all(e.value == (1.0 if e.op == "scale" else 0.0) for e in apply_strength(spec, 0.0).edits)
 
 
 def test_concept_spec_takes_the_top_ranked_vectors(demo, tiny, tokenizer):

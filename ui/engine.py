@@ -72,16 +72,8 @@ class Continuation:
 
 
 def apply_strength(spec: Spec, strength: float) -> Spec:
-    """Scale every edit's departure from "no change": 1 keeps ``spec``, 0 is a no-op, 2 doubles it.
-
-    ``scale v`` becomes ``scale 1 + s(v - 1)``, ``add v`` becomes ``add s*v`` and ``set v``
-    becomes ``set s*v`` (a set has no neutral value; its target is scaled).
-    """
-    def edit(e):
-        value = 1 + strength * (e.value - 1) if e.op == "scale" else strength * e.value
-        return dataclasses.replace(e, value=float(value))
-
-    return dataclasses.replace(spec, edits=tuple(edit(e) for e in spec.edits))
+    """:meth:`Spec.scaled`, the one meaning of strength: 0 = no change, 1 = as built, 2 = twice the change."""
+    return spec.scaled(strength)
 
 
 class SteerDemo:
@@ -112,7 +104,7 @@ class SteerDemo:
         try:
             from steer.presets import preset_for
         except ImportError as err:
-            return None, f"steer.detox is not available ({err})"
+            return None, f"steer.build is not available ({err})"
         try:
             return preset_for(self.model), None
         except (ValueError, OSError) as err:
