@@ -149,3 +149,40 @@ def markdown_table(summaries: list[dict], base_perplexity: float | None = None, 
         lines.append(f"| {s['method']} | {strength} | {s['success']:.3f} | {s['perplexity']:.2f} | {rise:+.1%} | "
                      f"{s['distinct_1']:.3f} | {s['distinct_2']:.3f} | {s['distinct_3']:.3f} | {ok} |")
     return head + "\n".join(lines) + "\n"
+
+
+TASKS = ("sentiment", "topic")
+
+
+def get_judge(task: str, concept: str):
+    """The judge of a task: VADER toward ``concept`` (positive / negative) or a topic's judge word list."""
+    if task == "sentiment":
+        from .sentiment import VaderScorer
+
+        return VaderScorer(concept)
+    if task == "topic":
+        from .topic import TopicJudge
+
+        return TopicJudge(concept.removeprefix("topic:"))
+    raise ValueError(f"unknown task {task!r}: use sentiment or topic (toxicity runs the RealToxicityPrompts protocol)")
+
+
+def run_task(model, tokenizer, task: str, concept: str, methods: Sequence[Method], prompts: Sequence[str], *,
+             samples: int = 5, top_p: float = 0.9, max_new_tokens: int = 20, seed: int = 0, batch_size: int = 64,
+             out_dir: str | Path | None = None) -> list[dict]:
+    """Every method on the same prompts and seeds, judged for ``task``; a saved run in ``out_dir`` is reused."""
+    judge = get_judge(task, concept)
+    summaries = []
+    for method in methods:
+        path = Path(out_dir) / f"{method.label}.jsonl" if out_dir is not None else None
+        if path is not None and path.exists():
+            rows = load_run(path)[1]
+        else:
+            rows = generate_records(model, tokenizer, prompts, method, samples=samples, top_p=top_p,
+                                    max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+            if path is not None:
+                save_run(path, dict(method=method.family, strength=method.strength, concept=concept, task=task,
+                                    samples=samples, seed=seed), rows)
+        summaries.append(dict(summarize_records(rows, judge), method=method.label if method.family != "none" else "none",
+                              strength=method.strength))
+    return summaries

@@ -561,7 +561,7 @@ def build_spec(model, tokenizer, target: Target, *, force: Sequence[Sequence[str
             result = held.check(spec_from(chosen, model, name))
             results.append((lam_, len(chosen), result, chosen))
             _say(progress, f"lam {lam_:g} count {len(chosen)}: held-out {target.name} log-likelihood "
-                           f"{-sign * result.toxic_drop:+.3f} nats, KL {result.kl:.4f} nats/token, "
+                           f"{-result.toxic_drop:+.3f} nats, KL {result.kl:.4f} nats/token, "
                            f"perplexity {result.ppl_rise:+.1%}")
             if result.ppl_rise > ppl_budget:
                 break  # more vectors only cost more
