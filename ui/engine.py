@@ -38,7 +38,7 @@ SUPPRESS, PROMOTE = "suppress", "promote"  # ranking only: the top vectors by vo
 RAISE, LOWER = "raise (builder)", "lower (builder)"  # steer.build: chosen by measured effect
 MODES = (RAISE, LOWER, PROMOTE, SUPPRESS)
 # the builder at demo size: about as long as fitting the exit model on 2 CPU cores (then cached)
-DEMO_BUILD = dict(prompt_limit=16, samples=2, counts=(10, 20, 40), lams=(2.0,), forced_per_prompt=3, mid_sample=1)
+DEMO_BUILD = dict(prompt_limit=16, samples=2, counts=(5, 10, 20), lams=(4.0, 16.0), forced_per_prompt=3, mid_sample=1)
 BY_SCORE, BY_INDEX = "z-score ranking", "top-30 tokens (index)"
 COLUMNS = ["vector", "op", "value", "top tokens"]
 

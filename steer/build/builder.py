@@ -318,20 +318,31 @@ class Candidate:
     kl: float  # predicted KL per sample (nats)
 
 
+def _range(att: Attribution, widen: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values a ``set`` may take: the coefficient's observed range, ``widen`` times as wide around its middle."""
+    low, high = att.low.double(), att.high.double()
+    if widen == 1:
+        return low, high
+    middle, half = (low + high) / 2, (high - low) / 2 * widen
+    return middle - half, middle + half
+
+
 def candidates(att: Attribution, lam: float, prior: torch.Tensor | None = None, prior_weight: float = 0.0,
-               direction: str = "down") -> list[Candidate]:
+               direction: str = "down", widen: float = 1.0) -> list[Candidate]:
     """Every vector's best single edit under ``gain - lam * kl``, best first (positive net gains only).
 
     ``prior``: ``(n_layers, d_ff)`` z-score of the target's tokens in each vector's projection (+v).
     A ``set t`` edit writes ``t*v``, so it writes the target when ``sign(t) * z > 0`` (``up``) or
     ``< 0`` (``down``); such an edit ranks by ``net * (1 + prior_weight * aligned z)``.
-    ``scale`` edits get no prior (the coefficient's sign varies by token).
+    ``scale`` edits get no prior (the coefficient's sign varies by token). ``widen``: ``set``
+    values may leave the observed range by that factor (raising a concept the model rarely
+    writes needs coefficients beyond what its text ever shows; the held-out check still prices them).
     """
     n, m = max(1, att.n_spans), max(1, att.n_samples)
     s1, s2 = att.tox_g / n, att.tox_ga / n
     gg, gh, hh = att.gg / (2 * m), att.gh / (2 * m), att.hh / (2 * m)
     # set a = t: gain(t) = s2 - t*s1, kl(t) = t^2 gg - 2t gh + hh, t within the observed range
-    t = ((lam * 2 * gh - s1) / (lam * 2 * gg).clamp_min(1e-30)).clamp(att.low.double(), att.high.double())
+    t = ((lam * 2 * gh - s1) / (lam * 2 * gg).clamp_min(1e-30)).clamp(*_range(att, widen))
     set_gain, set_kl = s2 - t * s1, t * t * gg - 2 * t * gh + hh
     # scale a by s = 1 + d with s in SCALE_RANGE: gain = -d*s2, kl = d^2 hh
     d = (-s2 / (lam * 2 * hh).clamp_min(1e-30)).clamp(SCALE_RANGE[0] - 1, SCALE_RANGE[1] - 1)
@@ -463,6 +474,7 @@ class Target:
     prior_weight: float = 0.0
     threshold: float = 0.5
     forced_threshold: float = FORCED_THRESHOLD
+    widen: float = 1.0  # see candidates()
 
     def __post_init__(self) -> None:
         if self.direction not in DIRECTIONS:
@@ -553,7 +565,7 @@ def build_spec(model, tokenizer, target: Target, *, force: Sequence[Sequence[str
     sign = -1.0 if target.direction == "up" else 1.0  # gain = sign * drop of the spans' log-likelihood
     results = []
     for lam_ in [lam] if lam is not None else lams:
-        ranked = candidates(att, lam_, target.prior, target.prior_weight, target.direction)
+        ranked = candidates(att, lam_, target.prior, target.prior_weight, target.direction, target.widen)
         for count_ in [count] if count is not None else counts:
             chosen = ranked[:count_]
             if not chosen or any(r[0] == lam_ and r[1] == len(chosen) for r in results):

@@ -23,6 +23,7 @@ from .builder import COUNTS, LAMS, PPL_BUDGET, Target, build_spec
 
 SCORER_PREFIX = "scorer:"
 PRIOR_WEIGHT = 0.5
+WIDEN = 3.0  # set values up to 3x the observed coefficient range (see steer.build.builder.candidates)
 # per scorer: (flag a word at this score, force a word the model wrote at this score)
 SCORER_THRESHOLDS = {"vader-positive": (0.25, 0.4), "vader-negative": (0.25, 0.4)}
 
@@ -39,18 +40,19 @@ def _word_scorer(name: str) -> tuple[str, Callable[[list[str]], list[float]], fl
 
 
 def concept_target(concept: str | Concept, tokenizer, direction: str = "up", model=None,
-                   prior_weight: float = PRIOR_WEIGHT) -> Target:
+                   prior_weight: float = PRIOR_WEIGHT, widen: float = WIDEN) -> Target:
     """The builder's target for a concept (module docstring); ``model`` gives the vocabulary prior."""
     if isinstance(concept, str) and concept.startswith(SCORER_PREFIX):
         name, score, flag, force = _word_scorer(concept[len(SCORER_PREFIX):])
-        return Target(name, score, direction, threshold=flag, forced_threshold=force)
+        return Target(name, score, direction, threshold=flag, forced_threshold=force, widen=widen)
     if isinstance(concept, str):
         concept = Concept.resolve(concept, tokenizer)
     words = {w.lower() for w in concept.words}
     score = lambda found: [1.0 if w.lower() in words else 0.0 for w in found]  # noqa: E731
     prior = ConceptScorer(model).scores(concept) if model is not None and prior_weight else None
     label = concept.name if len(concept.name) <= 40 else concept.name[:37] + "..."
-    return Target(label, score, direction, words=list(concept.words), prior=prior, prior_weight=prior_weight)
+    return Target(label, score, direction, words=list(concept.words), prior=prior, prior_weight=prior_weight,
+                  widen=widen)
 
 
 def build_concept_spec(model, tokenizer, concept: str | Concept, direction: str = "up", *,
@@ -58,7 +60,7 @@ def build_concept_spec(model, tokenizer, concept: str | Concept, direction: str 
                        count: int | None = None, lam: float | None = None, counts: Sequence[int] = COUNTS,
                        lams: Sequence[float] = LAMS, ppl_budget: float = PPL_BUDGET, samples: int = 4,
                        max_new_tokens: int = 20, forced_per_prompt: int = 6, mid_sample: int = 1,
-                       prior_weight: float = PRIOR_WEIGHT, batch_size: int = 16, seed: int = 0,
+                       prior_weight: float = PRIOR_WEIGHT, widen: float = WIDEN, batch_size: int = 16, seed: int = 0,
                        name: str | None = None, work_dir: str | Path | None = None,
                        progress: Callable[[str], None] | None = None):
     """A spec moving ``concept`` ``direction`` (``up``/``down``), chosen on selection prompts only.
@@ -71,7 +73,7 @@ def build_concept_spec(model, tokenizer, concept: str | Concept, direction: str 
 
         prompts = neutral_prompts("selection")
     prompts = list(prompts)[:prompt_limit] if prompt_limit else list(prompts)
-    target = concept_target(concept, tokenizer, direction, model, prior_weight)
+    target = concept_target(concept, tokenizer, direction, model, prior_weight, widen)
     return build_spec(model, tokenizer, target, force=[[p] for p in prompts], count=count, lam=lam, counts=counts,
                       lams=lams, ppl_budget=ppl_budget, samples=samples, max_new_tokens=max_new_tokens,
                       forced_per_prompt=forced_per_prompt, mid_sample=mid_sample, batch_size=batch_size, seed=seed,
