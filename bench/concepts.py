@@ -429,7 +429,15 @@ def write_docs(args, scored: dict, line: str) -> None:
                 parts.append(f"| {name} | {c['toxic_share']:.3f} | {c['tox_prob']:.3f} | {c['mean_toxicity']:.3f} | "
                              f"{c['success']:.3f} | {c['perplexity']:.2f} | {c['distinct_2']:.3f} |\n")
     parts.append(f"\n```\n{line}\n```\n")
-    (docs / "concepts_results.md").write_text("\n".join(parts))
+    text = "\n".join(parts)
+    page = docs / "concepts.md"
+    start, end = "<!-- results: written by bench/concepts.py -->", "<!-- /results -->"
+    if page.exists() and start in page.read_text() and end in page.read_text():
+        before, rest = page.read_text().split(start, 1)
+        text = before + start + "\n" + text + "\n" + end + rest.split(end, 1)[1]
+    else:
+        text = "# Concept steering\n\n" + start + "\n" + text + "\n" + end + "\n"
+    page.write_text(text)
     (docs / "concepts_results.json").write_text(json.dumps(scored, indent=1, default=str) + "\n")
 
 
