@@ -64,19 +64,19 @@ class Size:
 
 
 FULL = Size(eval_prompts=None, samples=5, batch_size=500,
-            build=dict(prompt_limit=None, samples=4, counts=(5, 10, 20, 30, 40, 60, 80), lams=(2.0, 4.0, 8.0, 16.0, 32.0),
-                       forced_per_prompt=6, mid_sample=1, batch_size=32),
-            actadd_layers=tuple(range(2, 29, 3)), actadd_alphas_select=(0.1, 0.2, 0.4), actadd_select_prompts=60,
+            build=dict(prompt_limit=None, samples=4, counts=(5, 10, 20, 40, 80), lams=(4.0, 16.0),
+                       forced_per_prompt=6, mid_sample=1, batch_size=64),
+            actadd_layers=tuple(range(2, 29, 4)), actadd_alphas_select=(0.1, 0.2, 0.4), actadd_select_prompts=40,
             strengths={"prompting": (1, 2, 3), "logit-bias": (1, 2, 3, 4, 6), "act-add": (0.05, 0.1, 0.2, 0.3, 0.5),
                        "ffn-ranking": (0.1, 0.25, 0.5, 0.75, 1), "ffn-built": (0.5, 1, 1.5, 2, 3, 4)},
             topics=("computers", "food", "politics", "science", "sports"), compose_prompts=100)
-CPU = Size(eval_prompts=12, samples=2, batch_size=48,
+CPU = Size(eval_prompts=10, samples=2, batch_size=40,
            build=dict(prompt_limit=24, samples=2, counts=(5, 10, 20), lams=(4.0, 16.0), forced_per_prompt=3,
                       mid_sample=1, batch_size=16),
            actadd_layers=(6, 12, 18), actadd_alphas_select=(0.2, 0.4), actadd_select_prompts=6,
-           strengths={"prompting": (1, 3), "logit-bias": (2, 4), "act-add": (0.1, 0.3), "ffn-ranking": (0.25, 0.5),
-                      "ffn-built": (1, 2, 3)},
-           topics=("food", "sports"), compose_prompts=8)
+           strengths={"prompting": (1, 3), "logit-bias": (2, 4), "act-add": (0.2, 0.4), "ffn-ranking": (0.25, 0.5),
+                      "ffn-built": (1, 2, 4)},
+           topics=("food",), compose_prompts=6)
 
 
 def log(message: str) -> None:
