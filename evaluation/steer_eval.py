@@ -124,9 +124,23 @@ def load_run(path: str | Path) -> tuple[dict, list[dict]]:
     return lines[0]["meta"], lines[1:]
 
 
-def best_within(summaries: list[dict], base_perplexity: float, budget: float = PPL_RISE) -> dict | None:
-    """The run with the highest success whose perplexity rise over ``base_perplexity`` is at most ``budget``."""
-    fits = [s for s in summaries if s["perplexity"] <= base_perplexity * (1 + budget) + 1e-9]
+DISTINCT_DROP = 0.10  # a run whose distinct-2 falls more than this below unsteered is degenerate, whatever its perplexity
+
+
+def fits_budget(summary: dict, base_perplexity: float, budget: float = PPL_RISE,
+                base_distinct: float | None = None) -> bool:
+    """Perplexity rise at most ``budget`` and (given ``base_distinct``) distinct-2 not collapsed: repetitive
+    text can have a *low* judge perplexity, so perplexity alone would accept it."""
+    ok = summary["perplexity"] <= base_perplexity * (1 + budget) + 1e-9
+    if base_distinct is not None and math.isfinite(base_distinct):
+        ok = ok and summary["distinct_2"] >= base_distinct * (1 - DISTINCT_DROP)
+    return ok
+
+
+def best_within(summaries: list[dict], base_perplexity: float, budget: float = PPL_RISE,
+                base_distinct: float | None = None) -> dict | None:
+    """The run with the highest success that :func:`fits_budget`."""
+    fits = [s for s in summaries if fits_budget(s, base_perplexity, budget, base_distinct)]
     return max(fits, key=lambda s: s["success"]) if fits else None
 
 
@@ -137,14 +151,16 @@ def pareto_front(summaries: list[dict]) -> list[dict]:
                                             for o in summaries)]
 
 
-def markdown_table(summaries: list[dict], base_perplexity: float | None = None, budget: float = PPL_RISE) -> str:
+def markdown_table(summaries: list[dict], base_perplexity: float | None = None, budget: float = PPL_RISE,
+                   base_distinct: float | None = None) -> str:
     """Runs as a table: method, strength, success, perplexity (and its rise), distinct-n, within budget."""
     head = ("| method | strength | success | perplexity | ppl rise | dist-1 | dist-2 | dist-3 | within +"
-            f"{budget:.0%} ppl |\n|---|---:|---:|---:|---:|---:|---:|---:|:---:|\n")
+            f"{budget:.0%} ppl{' (dist-2 kept)' if base_distinct is not None else ''} |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|:---:|\n")
     lines = []
     for s in summaries:
         rise = s["perplexity"] / base_perplexity - 1 if base_perplexity else math.nan
-        ok = "yes" if base_perplexity and rise <= budget + 1e-9 else ("" if base_perplexity else "-")
+        ok = ("yes" if fits_budget(s, base_perplexity, budget, base_distinct) else "") if base_perplexity else "-"
         strength = "-" if s["method"] == "none" else f"{s['strength']:g}"
         lines.append(f"| {s['method']} | {strength} | {s['success']:.3f} | {s['perplexity']:.2f} | {rise:+.1%} | "
                      f"{s['distinct_1']:.3f} | {s['distinct_2']:.3f} | {s['distinct_3']:.3f} | {ok} |")
