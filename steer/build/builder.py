@@ -592,6 +592,7 @@ def build_spec(model, tokenizer, target: Target, *, force: Sequence[Sequence[str
     return spec_from(chosen, model, name, **meta)
 
 
+@torch.no_grad()
 def next_token_effect(model, tokenizer, spec: Spec, prompts: Sequence[str], top: int = 15,
                       min_probability: float = 1e-4) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
     """What ``spec`` does to the next token after ``prompts``: (most lowered, most raised) tokens.
