@@ -425,11 +425,10 @@ def write_docs(args, scored: dict, line: str) -> None:
                      f"{next(iter(compose.values()))['judge']}; specs at strength 1 (as built).\n\n"
                      "| run | toxic share | Tox. Prob. | mean toxicity | positive share | perplexity | dist-2 |\n"
                      "|---|---:|---:|---:|---:|---:|---:|\n")
-        for name in ("none", "detox", "positive", "detox+positive"):
-            if name in compose:
-                c = compose[name]
-                parts.append(f"| {name} | {c['toxic_share']:.3f} | {c['tox_prob']:.3f} | {c['mean_toxicity']:.3f} | "
-                             f"{c['success']:.3f} | {c['perplexity']:.2f} | {c['distinct_2']:.3f} |\n")
+        parts[-1] += "".join(
+            f"| {name} | {c['toxic_share']:.3f} | {c['tox_prob']:.3f} | {c['mean_toxicity']:.3f} | "
+            f"{c['success']:.3f} | {c['perplexity']:.2f} | {c['distinct_2']:.3f} |\n"
+            for name in ("none", "detox", "positive", "detox+positive") if (c := compose.get(name)))
     parts.append(f"\n```\n{line}\n```\n")
     text = "\n".join(parts)
     page = docs / "concepts.md"
