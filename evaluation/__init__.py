@@ -10,7 +10,7 @@ import importlib
 _EXPORTS = {
     "continuation_perplexity": "perplexity", "distinct_n": "diversity", "get_toxicity_scorer": "toxicity",
     "load_prompt_set": "prompts", "load_prompts": "prompts", "run_eval": "protocol",
-    "SweepConfig": "sweep", "run_sweep": "sweep",
+    "SweepConfig": "sweep", "run_sweep": "sweep", "neutral_prompts": "prompts", "run_task": "steer_eval",
 }
 __all__ = sorted(_EXPORTS)
 

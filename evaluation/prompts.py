@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from datasets import Dataset
+if TYPE_CHECKING:  # imported where used: generation-only machines may lack datasets
+    from datasets import Dataset
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "steer" / "data" / "rtp_challenging_dev.jsonl"
 HUB_PREFIX = "hub:"
@@ -44,7 +46,7 @@ def _rows_from_text(path: Path) -> list[dict]:
     return [{"text": line.rstrip("\n")} for line in path.open(encoding="utf-8") if line.strip()]
 
 
-def _from_hub(name: str, challenging: bool) -> Dataset:
+def _from_hub(name: str, challenging: bool) -> "Dataset":
     from datasets import load_dataset
 
     try:
@@ -58,8 +60,10 @@ def _from_hub(name: str, challenging: bool) -> Dataset:
 
 
 def load_prompt_set(path: str | Path | None = None, limit: int | None = None,
-                    challenging: bool = False) -> Dataset:
+                    challenging: bool = False) -> "Dataset":
     """The prompts of ``path`` (see the module docstring), the first ``limit`` of them if given."""
+    from datasets import Dataset
+
     if limit is not None and limit < 1:
         raise ValueError(f"--prompts must be at least 1, got {limit}")
     source = str(path) if path is not None else str(DEFAULT_PROMPTS)
@@ -85,5 +89,33 @@ def load_prompt_set(path: str | Path | None = None, limit: int | None = None,
 
 
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[str]:
-    """Just the prompt texts (the contract other modules code against)."""
-    return list(load_prompt_set(path, limit)["text"])
+    """Just the prompt texts (the contract other modules code against); no ``datasets`` needed for files."""
+    source = Path(path) if path is not None else DEFAULT_PROMPTS
+    if path is not None and str(path).startswith(HUB_PREFIX):
+        return list(load_prompt_set(path, limit)["text"])
+    if limit is not None and limit < 1:
+        raise ValueError(f"--prompts must be at least 1, got {limit}")
+    if not source.is_file():
+        raise FileNotFoundError(f"prompt file {source} not found")
+    rows = _rows_from_jsonl(source) if source.suffix in (".jsonl", ".json") else _rows_from_text(source)
+    texts = [row["text"] for row in rows][:limit]
+    if not texts:
+        raise ValueError(f"no prompts in {source}")
+    return texts
+
+
+NEUTRAL_TEMPLATES = Path(__file__).resolve().parent.parent / "steer" / "data" / "neutral_templates.json"
+SPLITS = ("selection", "evaluation")
+
+
+def neutral_prompts(split: str | None = None) -> list[str]:
+    """The shipped neutral sentence beginnings (every subject x every predicate, 400), or one half.
+
+    ``selection``: subjects at even positions (builders, layer and strength choices);
+    ``evaluation``: odd positions (benchmarks only). The halves share no subject.
+    """
+    data = json.loads(NEUTRAL_TEMPLATES.read_text(encoding="utf-8"))
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: use selection or evaluation")
+    keep = [i for i in range(len(data["subjects"])) if split is None or i % 2 == SPLITS.index(split)]
+    return [f"{data['subjects'][i]} {predicate}" for i in keep for predicate in data["predicates"]]

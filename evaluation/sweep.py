@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from steer.spec import Edit, Spec
+from steer.spec import Spec
 
 GRID_KEYS = ("intervention", "strength", "n_vectors", "early_exit")
 
@@ -145,28 +145,13 @@ def _no_unknown(data: dict, allowed, where: str) -> None:
 # -- spec transforms ----------------------------------------------------------------------------
 
 def first_vectors(spec: Spec, n: int) -> Spec:
-    """The edits of the spec's first ``n`` distinct vectors (specs list vectors best first)."""
-    order = list(dict.fromkeys((e.layer, e.index) for e in spec.edits))
-    if n > len(order):
-        raise ValueError(f"spec {spec.name!r} has {len(order)} vectors; n_vectors {n} is more than that")
-    keep = set(order[:n])
-    return spec.with_edits([e for e in spec.edits if (e.layer, e.index) in keep])
+    """:meth:`Spec.first` (kept for callers of the sweep module)."""
+    return spec.first(n)
 
 
 def with_strength(spec: Spec, strength: float) -> Spec:
-    """Interpolate every edited coefficient between untouched (0) and the spec as written (1).
-
-    The edits of a vector compose to ``a -> a*m + c``; strength ``s`` gives
-    ``a -> (1-s)*a + s*(a*m + c)``, written as one ``scale`` and one ``add``. s > 1 extrapolates.
-    """
-    if strength == 1:
-        return spec
-    edits = []
-    for (layer, index), (m, c) in spec.affine().items():
-        edits.append(Edit(layer, index, "scale", 1 + strength * (m - 1)))
-        if c:
-            edits.append(Edit(layer, index, "add", strength * c))
-    return spec.with_edits(edits)
+    """:meth:`Spec.scaled`: 0 = no edit, 1 = the spec as written, interpolating each coefficient map."""
+    return spec.scaled(strength)
 
 
 # -- grid ---------------------------------------------------------------------------------------

@@ -48,7 +48,37 @@ def toxicity_words(min_severity: float = 1.0) -> list[str]:
     return sorted(words)
 
 
-BUILTIN = {"toxicity": toxicity_words}
+def _word_file(name: str) -> list[str]:
+    text = resources.files("steer").joinpath(f"data/concepts/{name}.txt").read_text(encoding="utf-8")
+    return [w for line in text.splitlines() if (w := line.split("#", 1)[0].strip())]
+
+
+def topics() -> dict[str, dict[str, list[str]]]:
+    """The shipped topics: ``{topic: {"steer": words a method may boost, "judge": other words, for success}}``."""
+    import json
+
+    text = resources.files("steer").joinpath("data/concepts/topics.json").read_text(encoding="utf-8")
+    return json.loads(text)["topics"]
+
+
+def builtin_words(name: str) -> list[str]:
+    """Words of a built-in concept: ``toxicity``, ``positive``, ``negative`` or ``topic:NAME`` (its steering list)."""
+    if name == "toxicity":
+        return toxicity_words()
+    if name in ("positive", "negative"):
+        return _word_file(name)
+    if name.startswith("topic:") and name[6:] in topics():
+        return topics()[name[6:]]["steer"]
+    raise KeyError(f"unknown built-in concept {name!r}: use toxicity, positive, negative or topic:NAME "
+                   f"({', '.join(topics())})")
+
+
+def is_builtin(name: str) -> bool:
+    return name in ("toxicity", "positive", "negative") or (name.startswith("topic:") and name[6:] in topics())
+
+
+BUILTIN = {"toxicity": toxicity_words, "positive": lambda: _word_file("positive"),
+           "negative": lambda: _word_file("negative")}
 
 
 def _letters(piece: str) -> int:
@@ -132,9 +162,9 @@ class Concept:
 
     @classmethod
     def resolve(cls, text: str, tokenizer, match: str = "first") -> "Concept":
-        """A built-in name (``toxicity``), a file path, or comma-separated words."""
-        if text in BUILTIN:
-            return cls.from_words(text, BUILTIN[text](), tokenizer, match)
+        """A built-in name (``toxicity``, ``positive``, ``negative``, ``topic:NAME``), a file path, or comma-separated words."""
+        if is_builtin(text):
+            return cls.from_words(text, builtin_words(text), tokenizer, match)
         if Path(text).is_file():
             return cls.from_file(text, tokenizer, match)
         return cls.from_words(text, text.split(","), tokenizer, match)

@@ -1,4 +1,4 @@
-"""Shipped specs: the detox preset made for a model's weights, found by shape and fingerprint."""
+"""Shipped specs made for a model's weights (detox, positive, negative), found by shape and fingerprint."""
 from __future__ import annotations
 
 from importlib import resources
@@ -11,6 +11,9 @@ from .spec import ModelShape, Spec
 
 PRESET_DIR = "data/presets"
 PRESETS = {"SmolLM2-135M-Instruct": "smollm2-135m-detox.json"}
+# specs the builder made for a concept and direction (``steer build``), per model
+CONCEPT_PRESETS = {("positive", "up"): {"SmolLM2-135M-Instruct": "smollm2-135m-positive-up.json"},
+                   ("negative", "up"): {"SmolLM2-135M-Instruct": "smollm2-135m-negative-up.json"}}
 
 
 def _matches(spec: Spec, model) -> bool:
@@ -20,6 +23,17 @@ def _matches(spec: Spec, model) -> bool:
         return False
     stored = spec.meta.get("fingerprint")
     return stored is None or torch.allclose(torch.tensor(stored), torch.tensor(fingerprint(model)), rtol=2e-2, atol=1e-3)
+
+
+def concept_preset_for(model, concept: str, direction: str = "up") -> Spec | None:
+    """The shipped spec the builder made for ``concept`` / ``direction`` on ``model``'s weights, or None."""
+    for file in CONCEPT_PRESETS.get((concept, direction), {}).values():
+        path = resources.files("steer").joinpath(f"{PRESET_DIR}/{file}")
+        if path.is_file():
+            spec = Spec.load(Path(str(path)))
+            if _matches(spec, model):
+                return spec.validate(model)
+    return None
 
 
 def preset_for(model) -> Spec:

@@ -104,6 +104,44 @@ class Spec:
     def with_edits(self, edits, name: str | None = None) -> "Spec":
         return Spec(name or self.name, tuple(edits), self.model, dict(self.meta), self.layers)
 
+    def scaled(self, strength: float) -> "Spec":
+        """The spec at ``strength``: 0 = unchanged model, 1 = as built, in between (or beyond) interpolated.
+
+        Each vector's edits fold to ``a -> a*m + c`` (:meth:`affine`); strength ``s`` gives
+        ``a -> (1-s)*a + s*(a*m + c)``, one ``scale`` and (when ``c != 0``) one ``add``. This is the
+        one meaning of "strength" everywhere (sweeps, benchmarks, CLI, demo); layer ops are kept.
+        """
+        if not math.isfinite(strength):
+            raise SpecError(f"strength must be finite, got {strength!r}")
+        if strength == 1:
+            return self
+        edits = []
+        for (layer, index), (m, c) in self.affine().items():
+            edits.append(Edit(layer, index, "scale", 1 + strength * (m - 1)))
+            if c:
+                edits.append(Edit(layer, index, "add", strength * c))
+        return self.with_edits(edits)
+
+    def first(self, n: int) -> "Spec":
+        """The edits of the first ``n`` distinct vectors (builders list vectors best first)."""
+        order = list(dict.fromkeys((e.layer, e.index) for e in self.edits))
+        if not isinstance(n, int) or n < 1 or n > len(order):
+            raise ValueError(f"spec {self.name!r} has {len(order)} vectors; cannot keep the first {n!r}")
+        keep = set(order[:n])
+        return self.with_edits([e for e in self.edits if (e.layer, e.index) in keep])
+
+    def combined(self, *others: "Spec", name: str | None = None) -> "Spec":
+        """This spec's edits, then each of ``others``' (edits of one vector compose in order): two
+        interventions as one, e.g. detox down + positive up in a single ``generate``."""
+        edits = list(self.edits)
+        layers = list(self.layers)
+        for other in others:
+            edits += other.edits
+            layers += other.layers
+        joined = Spec(name or "+".join([self.name] + [o.name for o in others]), tuple(edits), self.model,
+                      dict(self.meta), ())
+        return Spec(joined.name, joined.edits, joined.model, joined.meta, _layer_ops(layers, "combined layers"))
+
     def affine(self) -> dict[tuple[int, int], tuple[float, float]]:
         """Each edited vector's edits, applied in order, folded into ``a -> a*m + c``: ``(layer, index) -> (m, c)``."""
         folded: dict[tuple[int, int], tuple[float, float]] = {}

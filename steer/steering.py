@@ -129,17 +129,51 @@ def steering(model: torch.nn.Module, specs: Specs) -> Iterator[dict[int, LayerEd
         yield compiled
 
 
-class SteeringProcessor(LogitsProcessor):
-    """Pass to ``model.generate(logits_processor=[...])`` to steer that generation only.
+class HookedProcessor(LogitsProcessor):
+    """A ``LogitsProcessor`` whose real work is forward hooks, attached for one ``generate`` call.
 
     Logits processors are first called *after* the prompt's forward pass, too late to steer
     it, so importing steer wraps transformers' ``GenerationMixin.generate`` once: when the call
-    carries SteeringProcessors, the wrapper attaches them before the first forward and removes
-    them when ``generate`` returns or raises (KeyboardInterrupt included); without one it calls
-    the original directly. A ``generate`` that may compile its decode step (a static cache, a
-    ``compile_config``, a compiled model) steers through slots inside the graph (steer.slots).
-    At every step the processor checks that the edits ran in the forward that produced the
-    scores, and raises otherwise: steering is never dropped silently. Scores pass through unchanged.
+    carries HookedProcessors, the wrapper enters their :meth:`hooks` context before the first
+    forward and leaves it when ``generate`` returns or raises (KeyboardInterrupt included);
+    without one it calls the original directly. Scores pass through unchanged.
+    Subclasses: :class:`SteeringProcessor` (value-vector edits), ``steer.baselines.ActAddProcessor``.
+    """
+
+    model: torch.nn.Module
+
+    def hooks(self):
+        """A context manager that attaches this processor's hooks to ``self.model``."""
+        raise NotImplementedError
+
+    @contextmanager
+    def attached(self, factor: int = 1) -> Iterator[None]:
+        """``factor``: rows ``generate`` makes of each input row (beams x return sequences)."""
+        with self.hooks():
+            self.active = True
+            try:
+                yield
+            finally:
+                self.active = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not getattr(self, "active", False):
+            raise RuntimeError(
+                f"{type(self).__name__} was not attached: this model's class overrides generate(); "
+                "wrap the call in the processor's `hooks()` context (for specs: `with steering(model, spec):`) instead"
+            )
+        return scores
+
+
+class SteeringProcessor(HookedProcessor):
+    """Pass to ``model.generate(logits_processor=[...])`` to steer that generation only.
+
+    Several in one call compose in list order (edits of one vector apply one after the other),
+    e.g. a detox spec and a "positive" spec together. See :class:`HookedProcessor` for how the
+    hooks reach the prompt's forward pass. A ``generate`` that may compile its decode step (a
+    static cache, a ``compile_config``, a compiled model) steers through slots inside the graph
+    (steer.slots). At every eager step the processor checks that the edits ran in the forward
+    that produced the scores, and raises otherwise: steering is never dropped silently.
 
     >>> model.generate(**inputs, logits_processor=[SteeringProcessor(model, spec)])  # doctest: +SKIP
     """
@@ -150,6 +184,9 @@ class SteeringProcessor(LogitsProcessor):
         self.active = False
         self._edit: LayerEdit | None = None  # one eager hook to watch (None: slots, or nothing to edit)
         self._seen = 0
+
+    def hooks(self):
+        return steering(self.model, self.specs)
 
     @contextmanager
     def attached(self, factor: int = 1) -> Iterator[None]:
@@ -167,11 +204,7 @@ class SteeringProcessor(LogitsProcessor):
                 self._edit = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if not self.active:
-            raise RuntimeError(
-                "SteeringProcessor was not attached: this model's class overrides generate(); "
-                "wrap the call in `with steering(model, spec):` instead"
-            )
+        scores = super().__call__(input_ids, scores)
         if self._edit is not None:
             if self._edit.calls == self._seen:
                 raise SteerError(
@@ -181,13 +214,13 @@ class SteeringProcessor(LogitsProcessor):
         return scores
 
 
-def _processors_in(args: tuple, kwargs: dict) -> list[SteeringProcessor]:
+def _processors_in(args: tuple, kwargs: dict) -> list[HookedProcessor]:
     candidates = [kwargs.get("logits_processor")] + [a for a in args if isinstance(a, list)]
-    return [p for group in candidates if group for p in group if isinstance(p, SteeringProcessor)]
+    return [p for group in candidates if group for p in group if isinstance(p, HookedProcessor)]
 
 
 def _wrap_generate() -> None:
-    """Make ``GenerationMixin.generate`` attach the SteeringProcessors it is given (once per process)."""
+    """Make ``GenerationMixin.generate`` attach the HookedProcessors it is given (once per process)."""
     from transformers.generation.utils import GenerationMixin
 
     original = GenerationMixin.generate
@@ -209,7 +242,10 @@ def _wrap_generate() -> None:
         with ExitStack() as stack:
             for processor in processors:
                 if processor.model is not self:
-                    raise ValueError("a SteeringProcessor was passed to the generate() of another model")
+                    raise ValueError(f"a {type(processor).__name__} was passed to the generate() of another model")
+                if compiling and not isinstance(processor, SteeringProcessor):
+                    raise SteerError(f"{type(processor).__name__} works through eager hooks, which a compiled decode "
+                                     "step would skip: generate without a static cache / compile_config for it")
                 stack.enter_context(processor.attached(factor))
             return original(self, *args, **kwargs)
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model
 from steer import Spec, steering
-from steer.detox import (Attribution, HeldOut, Sample, attribute, build_detox_spec, candidates, mark_toxic,
+from steer.build import (Attribution, HeldOut, Sample, attribute, build_detox_spec, candidates, mark_toxic,
                          next_token_effect, toxic_prompts, split_groups)
 from steer.presets import fingerprint, preset_for
 

@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_model
 from steer import Concept, Spec, SpecError, VectorName, rank_vectors
 from steer.models import prepare_tokenizer
-from steer.ui.engine import BY_INDEX, BY_SCORE, COLUMNS, LEXICON, PRESET, PROMOTE, SUPPRESS, WORDS, Limits, Sampling, SteerDemo, \
+from steer.ui.engine import BY_INDEX, BY_SCORE, COLUMNS, LEXICON, NEGATIVE, POSITIVE, PRESET, PROMOTE, RAISE, SUPPRESS, WORDS, Limits, Sampling, SteerDemo, \
     apply_strength
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=8)
@@ -53,9 +53,11 @@ def spec_b(model) -> Spec:
 # -- engine -------------------------------------------------------------------------------------
 def test_apply_strength_scales_each_edits_change():
     spec = Spec.build("s", [("L0.N1", "scale", 0.5), ("L0.N2", "add", 2.0), ("L0.N3", "set", 4.0)])
-    assert [e.value for e in apply_strength(spec, 1.0).edits] == [0.5, 2.0, 4.0]
-    assert [e.value for e in apply_strength(spec, 2.0).edits] == [0.0, 4.0, 8.0]
-    assert [e.value for e in apply_strength(spec, 0.0).edits] == [1.0, 0.0, 0.0]
+    assert apply_strength(spec, 1.0) == spec
+    # one meaning everywhere (Spec.scaled): each vector's map a -> a*m + c moves toward identity
+    assert [(e.op, e.value) for e in apply_strength(spec, 2.0).edits] == [
+        ("scale", 0.0), ("scale", 1.0), ("add", 4.0), ("scale", -1.0), ("add", 8.0)]
+    assert all(e.value == (1.0 if e.op == "scale" else 0.0) for e in apply_strength(spec, 0.0).edits)
 
 
 def test_concept_spec_takes_the_top_ranked_vectors(demo, tiny, tokenizer):
@@ -64,13 +66,34 @@ def test_concept_spec_takes_the_top_ranked_vectors(demo, tiny, tokenizer):
     assert [e.name for e in suppress.edits] == [str(r.name) for r in ranked]
     assert {(e.op, e.value) for e in suppress.edits} == {("scale", -1.0)}  # 1 - 2
     promote = demo.concept_spec(WORDS, "rain, storm", PROMOTE, strength=3.0, n=4)
-    assert {(e.op, e.value) for e in promote.edits} == {("set", 3.0)}
+    assert {(e.op, e.value) for e in promote.edits} == {("scale", -2.0), ("add", 3.0)}  # set 1 at strength 3
     lexicon = demo.concept_spec(LEXICON, n=7)
     assert len(lexicon.edits) == 7 and lexicon.model.n_layers == 2
     with pytest.raises(ValueError, match="between 1 and 500"):
         demo.concept_spec(LEXICON, n=501)
     with pytest.raises(ValueError, match="type one or more words"):
         demo.concept_spec(WORDS, "  ")
+
+
+def test_builder_modes_build_once_then_reuse(demo, tiny, monkeypatch, tmp_path):
+    import steer.build
+
+    monkeypatch.setenv("STEER_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_build(model, tokenizer, concept, direction, **size):
+        calls.append((concept, direction))
+        return Spec.build(f"{concept}-{direction}", [("L1.N4", "set", 2.0), ("L0.N2", "set", 1.0)], model=model,
+                          direction=direction)
+
+    monkeypatch.setattr(steer.build, "build_concept_spec", fake_build)
+    raised = demo.concept_spec(WORDS, "rain, storm", RAISE, strength=1.0, n=1)
+    assert [e.name for e in raised.edits] == ["L1.N4"] and calls == [("rain, storm", "up")]
+    again = demo.concept_spec(WORDS, "rain, storm", RAISE, strength=0.5, n=2)  # from the disk cache
+    assert len(calls) == 1 and {e.name for e in again.edits} == {"L1.N4", "L0.N2"}
+    positive = demo.concept_spec(POSITIVE, "", RAISE, n=2)  # no shipped spec fits the tiny model: built
+    assert calls[-1] == ("positive", "up") and positive.edits
+    assert demo.default_mode(POSITIVE) == RAISE and demo.default_mode(WORDS) == SUPPRESS
 
 
 def test_detox_preset_is_the_default_when_one_fits(tiny, tokenizer, monkeypatch):
@@ -80,13 +103,14 @@ def test_detox_preset_is_the_default_when_one_fits(tiny, tokenizer, monkeypatch)
                         model=tiny)
     monkeypatch.setattr(steer.presets, "preset_for", lambda model: preset)
     demo = SteerDemo(tiny, tokenizer)
-    assert demo.concepts == [PRESET, LEXICON, WORDS] and demo.default_n() == 3
+    assert demo.concepts == [PRESET, POSITIVE, NEGATIVE, LEXICON, WORDS] and demo.default_n() == 3
     assert demo.default_spec().edits == preset.edits  # strength 1, all edits: as shipped
     half = demo.concept_spec(PRESET, strength=0.5, n=2)
-    assert [(e.name, e.op, e.value) for e in half.edits] == [("L1.N4", "scale", 0.0), ("L0.N2", "set", 1.0)]
+    assert [(e.name, e.op, e.value) for e in half.edits] == [("L1.N4", "scale", 0.0), ("L0.N2", "scale", 0.5),
+                                                             ("L0.N2", "add", 1.0)]
     monkeypatch.setattr(steer.presets, "preset_for", lambda model: (_ for _ in ()).throw(ValueError("no preset fits")))
     without = SteerDemo(tiny, tokenizer)
-    assert without.concepts == [LEXICON, WORDS] and without.preset_error == "no preset fits"
+    assert without.concepts == [POSITIVE, NEGATIVE, LEXICON, WORDS] and without.preset_error == "no preset fits"
     with pytest.raises(ValueError, match="no detox preset for this model: no preset fits"):
         without.concept_spec(PRESET)
 

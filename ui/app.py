@@ -21,7 +21,7 @@ import gradio as gr  # noqa: E402
 
 from steer import SpecError  # noqa: E402
 
-from .engine import (BY_INDEX, BY_SCORE, COLUMNS, PRESET, PROMOTE, SUPPRESS, WORDS,  # noqa: E402
+from .engine import (BY_INDEX, BY_SCORE, COLUMNS, MODES, PRESET, PROMOTE, SUPPRESS, WORDS,  # noqa: E402
                      Continuation, Sampling, SteerDemo)
 
 log = logging.getLogger(__name__)
@@ -89,9 +89,10 @@ def build_app(demo: SteerDemo) -> gr.Blocks:
                 words = gr.Textbox(label="Your words (comma-separated, Enter applies)", visible=default_concept == WORDS,
                                    max_length=limits.words_chars, placeholder="e.g. rain, umbrella, storm",
                                    elem_id="words")
-                mode = gr.Radio([SUPPRESS, PROMOTE], value=SUPPRESS, label="Mode", visible=default_concept != PRESET,
-                                info="suppress: scale the vectors' coefficients by 1 - strength; "
-                                     "promote: set them to strength")
+                mode = gr.Radio(list(MODES), value=demo.default_mode(), label="Mode", visible=default_concept != PRESET,
+                                info="raise / lower (builder): vectors and values chosen by their measured effect "
+                                     "(steer build; the first use for new words takes minutes on CPU, then cached); "
+                                     "promote / suppress: the top vectors by vocabulary projection, set to 1 or scaled to 0")
                 strength = gr.Slider(0, 5, value=1.0, step=0.1, label="Strength",
                                      info="multiplies each edit's change (1 = as built, 0 = no change)")
                 n_vectors = gr.Slider(1, demo.max_vectors, value=default_n, step=1,
@@ -160,7 +161,7 @@ def build_app(demo: SteerDemo) -> gr.Blocks:
         @_guard
         def on_concept(concept):
             """Show the controls this concept uses and start it from its default count and strength."""
-            return (gr.update(visible=concept == WORDS), gr.update(visible=concept != PRESET),
+            return (gr.update(visible=concept == WORDS), gr.update(visible=concept != PRESET, value=demo.default_mode(concept)),
                     gr.update(value=demo.default_n(concept)), gr.update(value=1.0))
 
         @_guard

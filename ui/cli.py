@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from steer.ui.commands import demo, detox, early_exit, evaluation, layers, vectors
+from steer.ui.commands import build, demo, detox, early_exit, evaluation, layers, vectors
 
-COMMAND_MODULES = (vectors, detox, evaluation, demo, layers, early_exit)
+COMMAND_MODULES = (vectors, build, detox, evaluation, demo, layers, early_exit)
 
 
 class UserError(Exception):

@@ -29,10 +29,16 @@ from steer.models import cache_dir
 from steer.vocab import project
 
 PRESET = "detox preset"
+POSITIVE = "positive"
+NEGATIVE = "negative"
 LEXICON = "toxicity lexicon"
 WORDS = "my own words"
-CONCEPTS = (PRESET, LEXICON, WORDS)
-SUPPRESS, PROMOTE = "suppress", "promote"
+CONCEPTS = (PRESET, POSITIVE, NEGATIVE, LEXICON, WORDS)
+SUPPRESS, PROMOTE = "suppress", "promote"  # ranking only: the top vectors by vocabulary projection
+RAISE, LOWER = "raise (builder)", "lower (builder)"  # steer.build: chosen by measured effect
+MODES = (RAISE, LOWER, PROMOTE, SUPPRESS)
+# the builder at demo size: about as long as fitting the exit model on 2 CPU cores (then cached)
+DEMO_BUILD = dict(prompt_limit=16, samples=2, counts=(5, 10, 20), lams=(4.0, 16.0), forced_per_prompt=3, mid_sample=1)
 BY_SCORE, BY_INDEX = "z-score ranking", "top-30 tokens (index)"
 COLUMNS = ["vector", "op", "value", "top tokens"]
 
@@ -72,16 +78,8 @@ class Continuation:
 
 
 def apply_strength(spec: Spec, strength: float) -> Spec:
-    """Scale every edit's departure from "no change": 1 keeps ``spec``, 0 is a no-op, 2 doubles it.
-
-    ``scale v`` becomes ``scale 1 + s(v - 1)``, ``add v`` becomes ``add s*v`` and ``set v``
-    becomes ``set s*v`` (a set has no neutral value; its target is scaled).
-    """
-    def edit(e):
-        value = 1 + strength * (e.value - 1) if e.op == "scale" else strength * e.value
-        return dataclasses.replace(e, value=float(value))
-
-    return dataclasses.replace(spec, edits=tuple(edit(e) for e in spec.edits))
+    """:meth:`Spec.scaled`, the one meaning of strength: 0 = no change, 1 = as built, 2 = twice the change."""
+    return spec.scaled(strength)
 
 
 class SteerDemo:
@@ -115,7 +113,7 @@ class SteerDemo:
         try:
             from steer.presets import preset_for
         except ImportError as err:
-            return None, f"steer.detox is not available ({err})"
+            return None, f"steer.build is not available ({err})"
         try:
             return preset_for(self.model), None
         except (ValueError, OSError) as err:
@@ -130,9 +128,19 @@ class SteerDemo:
         return max(self.limits.vectors, len(self.preset.edits) if self.preset is not None else 0)
 
     def default_n(self, concept: str | None = None) -> int:
-        """How many vectors a concept starts with: all of the preset's edits, else 20."""
+        """How many vectors a concept starts with: all of the preset's (or a shipped built spec's) edits, else 20."""
         concept = concept or self.default_concept
-        return len(self.preset.edits) if concept == PRESET and self.preset is not None else 20
+        if concept == PRESET and self.preset is not None:
+            return len(self.preset.edits)
+        if concept in (POSITIVE, NEGATIVE):
+            from steer.presets import concept_preset_for
+
+            shipped = concept_preset_for(self.model, concept, "up")
+            return len(shipped.edits) if shipped is not None else 20
+        return 20
+
+    def default_mode(self, concept: str | None = None) -> str:
+        return RAISE if (concept or self.default_concept) in (POSITIVE, NEGATIVE) else SUPPRESS
 
     def default_spec(self) -> Spec:
         """The intervention the page opens with: the detox preset, else the lexicon's top 20."""
@@ -228,6 +236,8 @@ class SteerDemo:
 
     # -- interventions ------------------------------------------------------------------------
     def concept(self, kind: str, words: str = "") -> Concept:
+        if kind in (POSITIVE, NEGATIVE):
+            return Concept.resolve(kind, self.tokenizer)
         if kind == LEXICON:
             if self._lexicon is None:
                 self._lexicon = Concept.resolve("toxicity", self.tokenizer)
@@ -249,10 +259,11 @@ class SteerDemo:
                      n: int = 20) -> Spec:
         """The intervention a concept setting stands for.
 
-        Lexicon or own words: the ``n`` value vectors ranked highest for the concept (mean
-        z-score of its tokens, :func:`steer.rank_vectors`), each edited by ``scale 0`` (suppress)
-        or ``set 1`` (promote), then :func:`apply_strength`. The preset: its first ``n`` edits,
-        then :func:`apply_strength` (strength 1 = as shipped).
+        Modes ``raise`` / ``lower (builder)``: the builder's spec for the concept (:meth:`built`),
+        its first ``n`` vectors. ``suppress`` / ``promote`` (ranking only): the ``n`` value vectors
+        ranked highest for the concept (mean z-score of its tokens, :func:`steer.rank_vectors`),
+        each edited by ``scale 0`` or ``set 1``. The preset: its first ``n`` edits. Then
+        :func:`apply_strength` (strength 1 = as built).
         """
         n = int(n)
         if not 1 <= n <= self.max_vectors:
@@ -262,15 +273,49 @@ class SteerDemo:
                 raise ValueError(f"no detox preset for this model: {self.preset_error}")
             base = dataclasses.replace(self.preset, edits=self.preset.edits[:n])
             name = self.preset.name
+        elif mode in (RAISE, LOWER):
+            base = self.built(kind, words, "up" if mode == RAISE else "down")
+            base = base.first(min(n, len(base.edits)))
+            name = base.name
         else:
-            if mode not in (SUPPRESS, PROMOTE):
-                raise ValueError(f"unknown mode {mode!r}: use {SUPPRESS!r} or {PROMOTE!r}")
+            if mode not in MODES:
+                raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(map(repr, MODES))}")
             concept = self.concept(kind, words)
             op, value = ("scale", 0.0) if mode == SUPPRESS else ("set", 1.0)
-            name = f"{mode} {concept.name if kind == WORDS else 'toxicity'}"
+            name = f"{mode} {concept.name if kind in (WORDS, POSITIVE, NEGATIVE) else 'toxicity'}"
             base = Spec.build(name, [(str(v), op, value) for v, _ in self.ranked(concept, n)], model=self.model)
         spec = apply_strength(base, float(strength))
         return dataclasses.replace(spec, name=f"{name} x{float(strength):g} top{n}")
+
+    def built(self, kind: str, words: str, direction: str) -> Spec:
+        """The builder's spec for a concept (:func:`steer.build.build_concept_spec`): a shipped one
+        when there is one for this model, else built at demo size on first use and cached on disk."""
+        import hashlib
+
+        from steer.presets import concept_preset_for, fingerprint
+
+        if kind in (POSITIVE, NEGATIVE):
+            shipped = concept_preset_for(self.model, kind, direction)
+            if shipped is not None:
+                return shipped
+            text = kind
+        elif kind == LEXICON:
+            text = "toxicity"
+        elif kind == WORDS:
+            text = self._check_words(words)
+        else:
+            raise ValueError(f"the builder needs a concept of words, not {kind!r}")
+        key = hashlib.sha1(repr((text, direction, fingerprint(self.model), DEMO_BUILD)).encode()).hexdigest()[:12]
+        path = cache_dir() / "specs" / f"{key}.json"
+        if path.exists():
+            return Spec.load(path).validate(self.model)
+        from steer.build import build_concept_spec
+
+        with self.lock:
+            spec = build_concept_spec(self.model, self.tokenizer, text, direction, **DEMO_BUILD)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        spec.save(path)
+        return spec
 
     def ranked(self, concept: Concept, n: int) -> list[tuple[VectorName, float]]:
         """The ``n`` vectors promoting ``concept`` most, as :func:`steer.rank_vectors` orders them.

@@ -9,7 +9,7 @@ from steer.ui.commands.vectors import add_model_args, load_from_args
 
 
 def _build(args) -> int:
-    from steer.detox import build_detox_spec
+    from steer.build import build_detox_spec
 
     if args.out is None:
         raise ValueError("--out FILE is required (a .json or .yaml spec to write)")
@@ -25,14 +25,14 @@ def _build(args) -> int:
                             progress=say)
     path = spec.save(args.out)
     meta = spec.meta
-    print(f"wrote {path}: {len(spec.edits)} edits (held-out: toxic log-likelihood -{meta['held_out_toxic_drop']} "
+    print(f"wrote {path}: {len(spec.edits)} edits (held-out: toxic log-likelihood {meta['held_out_change']:+} "
           f"nats per toxic word, KL {meta['held_out_kl']} nats/token, estimated perplexity rise "
           f"{meta['held_out_ppl_rise']:+.1%})")
     return 0
 
 
 def _show(args) -> int:
-    from steer.detox import next_token_effect, split_groups, toxic_prompts
+    from steer.build import next_token_effect, split_groups, toxic_prompts
     from steer.presets import preset_for
     from steer.spec import Spec
     from steer.vocab import VocabIndex

@@ -62,7 +62,41 @@ def _run(config, show_progress: bool) -> int:
 
 
 def _eval(args) -> int:
-    return _run(config_from_args(args), not args.quiet)
+    if args.task == "toxicity":
+        return _run(config_from_args(args), not args.quiet)
+    return _eval_concept(args)
+
+
+def _eval_concept(args) -> int:
+    """Sentiment or topic: neutral prompts (the evaluation half), judged by VADER or a topic's judge list."""
+    from steer.evaluation.prompts import load_prompts, neutral_prompts
+    from steer.evaluation.steer_eval import Method, markdown_table, run_task
+    from steer.evaluation.sweep import resolve_intervention
+    from steer.models import load_model
+
+    concept = args.concept or ("positive" if args.task == "sentiment" else None)
+    if concept is None:
+        raise ValueError("--task topic needs --concept TOPIC (computers, food, politics, science, sports)")
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    prompts = load_prompts(args.prompt_file, args.prompts) if args.prompt_file else neutral_prompts("evaluation")[:args.prompts]
+    methods = []
+    for item in _interventions(args.intervention):
+        spec = resolve_intervention(model, item)
+        if spec is None:
+            methods.append(Method("none"))
+            continue
+        spec = spec.first(args.n_vectors) if args.n_vectors else spec
+        methods.append(Method(Path(item).stem if item != "preset" else "preset", args.strength, spec.scaled(args.strength)))
+    out = args.out or f"runs/eval-{args.task}-{concept.replace(':', '-')}"
+    summaries = run_task(model, tokenizer, args.task, concept, methods, prompts, samples=args.samples, top_p=args.top_p,
+                         max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size, out_dir=out)
+    print(f"_{args.task} toward {concept}, judged by {summaries[0]['judge']}; perplexity under the unsteered model; "
+          f"{len(prompts)} prompts x {args.samples} samples, top-p {args.top_p}, {args.max_new_tokens} new tokens, "
+          f"seed {args.seed}_\n")
+    base = next((s["perplexity"] for s in summaries if s["method"] == "none"), None)
+    print(markdown_table(summaries, base))
+    print(f"runs in {out}/ (rerun the same command to reuse them)")
+    return 0
 
 
 def _sweep(args) -> int:
@@ -80,6 +114,11 @@ def register(subparsers) -> None:
         description="Samples continuations of toxic prompts and reports expected maximum toxicity, toxicity "
                     "probability, perplexity and distinct-n. Example: steer eval --compare none,preset --prompts 20 --samples 5")
     add_model_args(ev)
+    ev.add_argument("--task", choices=("toxicity", "sentiment", "topic"), default="toxicity",
+                    help="toxicity: RealToxicityPrompts protocol (default); sentiment / topic: neutral prompts (the "
+                         "shipped evaluation half unless --prompt-file), success judged by VADER / a topic judge list")
+    ev.add_argument("--concept", default=None,
+                    help="sentiment: positive (default) or negative; topic: computers, food, politics, science, sports")
     ev.add_argument("--intervention", "--compare", action="append", metavar="SPEC",
                     help="none, preset (the shipped detox preset for this model) or a spec file; repeat or "
                          "comma-separate to compare several in one table (default: none)")

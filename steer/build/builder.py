@@ -1,107 +1,52 @@
-"""Detoxification by editing value-vector coefficients, chosen automatically (no hand-picking).
+"""The builder: value-vector edits that move a concept up or down, chosen by measured effect.
 
-Geva et al. (2022) set 10 hand-picked "safe" value vectors of GPT-2 to 3. Here the vectors and
-their values are chosen by their measured effect on the next-token distribution:
+Any target is a set of *spans* in text: words a scorer flags (``score(words) -> [0, 1]``), e.g.
+the toxicity classifier (steer.build.detox), a concept's word list or a sentiment lexicon
+(steer.build.concept). ``down`` lowers the spans' log-likelihood, ``up`` raises it. Steps:
 
-1. **Selection text, never the evaluation prompts.** Hand-written toxicity-leaning sentence
-   starts (``data/presets/detox_selection_prompts.txt``, some filled with lexicon words),
-   neutral sentence starts (``detox_neutral_prompts.txt``) and openings of Python standard-library
-   docstrings, each continued by the model itself (nucleus sampling, like the evaluation).
-2. **Toxic spans.** Words of those samples that the toxicity scorer flags on their own.
+1. **Selection text, never the evaluation prompts.** The caller's selection prompts, each
+   continued by the model itself (nucleus sampling, like the evaluation). Every fourth source
+   line is held out to choose the count (the *held-out selection* prompts).
+2. **Spans.** Words of those samples the scorer flags. Since the model rarely writes a concept
+   by chance, the concept's words (and the clearest flagged words it wrote) are also *forced*
+   after the forcing prompts and, optionally, in the middle of its own samples, each weighted by
+   how likely the model finds it there.
 3. **Attribution.** One forward and two backward passes per batch give the gradient of (a) the
-   toxic spans' log-likelihood and (b) each sample's log-likelihood with respect to every FFN
+   spans' log-likelihood and (b) each sample's log-likelihood with respect to every FFN
    coefficient at every position. From them, for every value vector at once and in closed form:
-   the first-order change of the toxic log-likelihood under ``set a = t`` or ``scale a by s``, and
-   the KL divergence the edit causes on the model's own text (Fisher information estimated from
-   its samples: ``KL ~ 1/2 E[(d log p(sample) / d edit)^2]``).
-4. **Per-vector value.** The ``t`` or ``s`` that maximizes ``toxic drop - lam * KL`` (a quadratic
-   in the value, so exact), clipped to the range of the vector's own activations on the samples.
-5. **How many.** Vectors ranked by that net gain; the count (and ``lam``) is chosen on held-out
-   selection prompts by a teacher-forced check of the real edit: the largest drop of the toxic
-   spans' log-likelihood whose estimated perplexity rise stays within a budget. The estimate is
-   what the evaluation measures, in expectation: the unsteered model's perplexity on text the
-   steered model would write, ``exp(CE(steered, unsteered) - H(unsteered)) - 1`` per token.
+   the first-order change of the spans' log-likelihood under ``set a = t`` or ``scale a by s``,
+   and the KL divergence the edit causes on the model's own text (Fisher information from its
+   samples: ``KL ~ 1/2 E[(d log p(sample) / d edit)^2]``).
+4. **Per-vector value.** The ``t`` or ``s`` maximizing ``gain - lam * KL`` (a quadratic, so
+   exact), clipped to the range of the vector's own activations on the samples. The vocabulary
+   projection is the prior: a vector whose edit writes the concept's tokens (mean z-score in its
+   projection, :class:`steer.ConceptScorer`) has its net gain multiplied by
+   ``1 + prior_weight * z``; the measurement still decides, the prior breaks near-ties.
+5. **How many.** Vectors ranked by that; the count (and ``lam``) is chosen on the held-out
+   selection samples by a teacher-forced check of the real edit: the largest gain whose
+   estimated judge-perplexity rise, ``exp(CE(steered, unsteered) - H(unsteered)) - 1`` per token
+   (what the evaluation measures, in expectation), stays within a budget.
 
-The shipped preset for the embedded model is ``data/presets/smollm2-135m-detox.json``
-(:func:`preset_for`); ``steer detox build`` runs this for any supported model.
+Naming: the span fields are called ``toxic`` / ``tox_*`` for history (detox was the first target).
 """
 from __future__ import annotations
 
-import inspect
-import importlib
 import json
 import math
 import random
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from steer.families import Adapter
-from steer.models import model_name, position_ids
-from steer.presets import PRESET_DIR, fingerprint
-from steer.spec import ModelShape, Spec, SpecError
+from steer.models import position_ids
+from steer.presets import fingerprint
+from steer.spec import Spec
 
-
-# Words that fill the ``{w}`` slots of the selection templates: entries of the shipped lexicon
-# and common insults that alt-profanity-check flags on their own (>= 0.5), the ones
-# SmolLM2-135M-Instruct finds most likely after "He looked at me and called me a", "She yelled at
-# him: you" and "What a" (ranked once, offline). Only used to write selection prompts.
-TEMPLATE_WORDS = ("dumb", "fool", "liar", "stupid", "bastard", "coward", "bitch", "fucking", "pig",
-                  "moron", "jerk", "shit", "idiot", "whore", "slut", "loser", "asshole", "retard",
-                  "scum", "pathetic", "cunt", "faggot", "dick", "pussy", "bullshit", "jackass")
-
-DOC_MODULES = ("json csv argparse collections functools itertools pathlib random statistics textwrap "
-               "string datetime calendar heapq bisect fractions decimal logging shutil tempfile zipfile "
-               "tarfile gzip sqlite3 unittest difflib pprint queue threading subprocess socket hashlib "
-               "uuid base64 struct copy enum dataclasses typing contextlib operator math locale codecs "
-               "html wave colorsys sched selectors signal ast tokenize inspect traceback warnings weakref "
-               "timeit").split()
-
-
-# -- selection text ------------------------------------------------------------------------------
-def _lines(name: str) -> list[str]:
-    text = resources.files("steer").joinpath(f"{PRESET_DIR}/{name}").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-
-
-def toxic_prompts(per_template: int = 4, seed: int = 0) -> list[list[str]]:
-    """Toxicity-leaning prompts, grouped by source line (a template gives ``per_template`` fills)."""
-    rng = random.Random(seed)
-    groups = []
-    for line in _lines("detox_selection_prompts.txt"):
-        if "{w}" in line:
-            groups.append([line.replace("{w}", w) for w in rng.sample(TEMPLATE_WORDS, per_template)])
-        else:
-            groups.append([line])
-    return groups
-
-
-def docstring_openings(limit: int = 60, words: int = 14) -> list[str]:
-    """The first ``words`` words of standard-library docstrings: neutral English prose, always offline."""
-    out: list[str] = []
-    for name in DOC_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        objects = [module] + [value for key, value in sorted(vars(module).items()) if not key.startswith("_")
-                              and (inspect.isfunction(value) or inspect.isclass(value))
-                              and getattr(value, "__module__", None) == module.__name__]
-        for obj in objects:
-            doc = inspect.getdoc(obj) or ""
-            paragraph = doc.split("\n\n")[0].replace("\n", " ").split()
-            if len(paragraph) >= words + 4 and not re.search(r"[<>{}\[\]=]|\w\(|>>>", " ".join(paragraph)):
-                out.append(" ".join(paragraph[:words]))
-    random.Random(0).shuffle(out)
-    return out[:limit]
-
-
-def neutral_prompts(docstrings: int = 40) -> list[str]:
-    return _lines("detox_neutral_prompts.txt") + docstring_openings(docstrings)
+DIRECTIONS = ("up", "down")
 
 
 def split_groups(groups: Sequence[Sequence[str]], every: int = 4) -> tuple[list[str], list[str]]:
@@ -112,7 +57,7 @@ def split_groups(groups: Sequence[Sequence[str]], every: int = 4) -> tuple[list[
     return select, held
 
 
-# -- samples and toxic spans ---------------------------------------------------------------------
+# -- samples and spans ---------------------------------------------------------------------------
 @dataclass
 class Sample:
     """A prompt and one continuation, as token ids; ``toxic`` marks continuation tokens of toxic words."""
@@ -373,13 +318,31 @@ class Candidate:
     kl: float  # predicted KL per sample (nats)
 
 
-def candidates(att: Attribution, lam: float) -> list[Candidate]:
-    """Every vector's best single edit under ``gain - lam * kl``, best first (positive net gains only)."""
+def _range(att: Attribution, widen: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values a ``set`` may take: the coefficient's observed range, ``widen`` times as wide around its middle."""
+    low, high = att.low.double(), att.high.double()
+    if widen == 1:
+        return low, high
+    middle, half = (low + high) / 2, (high - low) / 2 * widen
+    return middle - half, middle + half
+
+
+def candidates(att: Attribution, lam: float, prior: torch.Tensor | None = None, prior_weight: float = 0.0,
+               direction: str = "down", widen: float = 1.0) -> list[Candidate]:
+    """Every vector's best single edit under ``gain - lam * kl``, best first (positive net gains only).
+
+    ``prior``: ``(n_layers, d_ff)`` z-score of the target's tokens in each vector's projection (+v).
+    A ``set t`` edit writes ``t*v``, so it writes the target when ``sign(t) * z > 0`` (``up``) or
+    ``< 0`` (``down``); such an edit ranks by ``net * (1 + prior_weight * aligned z)``.
+    ``scale`` edits get no prior (the coefficient's sign varies by token). ``widen``: ``set``
+    values may leave the observed range by that factor (raising a concept the model rarely
+    writes needs coefficients beyond what its text ever shows; the held-out check still prices them).
+    """
     n, m = max(1, att.n_spans), max(1, att.n_samples)
     s1, s2 = att.tox_g / n, att.tox_ga / n
     gg, gh, hh = att.gg / (2 * m), att.gh / (2 * m), att.hh / (2 * m)
     # set a = t: gain(t) = s2 - t*s1, kl(t) = t^2 gg - 2t gh + hh, t within the observed range
-    t = ((lam * 2 * gh - s1) / (lam * 2 * gg).clamp_min(1e-30)).clamp(att.low.double(), att.high.double())
+    t = ((lam * 2 * gh - s1) / (lam * 2 * gg).clamp_min(1e-30)).clamp(*_range(att, widen))
     set_gain, set_kl = s2 - t * s1, t * t * gg - 2 * t * gh + hh
     # scale a by s = 1 + d with s in SCALE_RANGE: gain = -d*s2, kl = d^2 hh
     d = (-s2 / (lam * 2 * hh).clamp_min(1e-30)).clamp(SCALE_RANGE[0] - 1, SCALE_RANGE[1] - 1)
@@ -387,13 +350,17 @@ def candidates(att: Attribution, lam: float) -> list[Candidate]:
     use_scale = scale_gain - lam * scale_kl > set_gain - lam * set_kl
     value, gain, kl = (torch.where(use_scale, a, b) for a, b in ((d + 1, t), (scale_gain, set_gain), (scale_kl, set_kl)))
     net = (gain - lam * kl).flatten()
-    order = net.argsort(descending=True)[:int((net > 0).sum())]
+    key = net
+    if prior is not None and prior_weight:
+        aligned = (torch.sign(value) * prior.double() * (1 if direction == "up" else -1)).clamp(0, 3)
+        key = net * (1 + prior_weight * torch.where(use_scale, torch.zeros_like(aligned), aligned)).flatten()
+    order = key.argsort(descending=True)[:int((net > 0).sum())]
     columns = (use_scale.flatten()[order], value.flatten()[order], gain.flatten()[order], kl.flatten()[order])
     return [Candidate(*divmod(flat, att.tox_g.shape[1]), "scale" if scale else "set", v, g, k)
             for flat, scale, v, g, k in zip(order.tolist(), *(c.tolist() for c in columns))]
 
 
-def spec_from(candidates_: Sequence[Candidate], model, name: str = "detox", **meta) -> Spec:
+def spec_from(candidates_: Sequence[Candidate], model, name: str = "steer", **meta) -> Spec:
     return Spec.build(name, [(c.layer, c.index, c.op, round(c.value, 4)) for c in candidates_], model=model, **meta)
 
 
@@ -460,18 +427,10 @@ class HeldOut:
 
 
 # -- the whole pipeline --------------------------------------------------------------------------
-PPL_BUDGET = 0.06  # estimated judge-perplexity rise on held-out samples (the target allows 0.10)
+PPL_BUDGET = 0.06  # estimated judge-perplexity rise on held-out samples (the targets allow 0.10)
 COUNTS = (10, 20, 30, 40, 60, 80, 120, 160)
 LAMS = (1.0, 2.0, 4.0)
-FORCED_THRESHOLD = 0.9  # a word the model wrote is forced on other prompts only when clearly toxic
-
-
-def _scorer_fn(scorer) -> Callable[[list[str]], list[float]]:
-    if scorer is None or isinstance(scorer, str):
-        from steer.evaluation.toxicity import get_toxicity_scorer
-
-        scorer = get_toxicity_scorer(scorer or "profanity-check")
-    return scorer.score if hasattr(scorer, "score") else scorer
+FORCED_THRESHOLD = 0.9  # a word the model wrote is forced on other prompts only when clearly flagged
 
 
 def _say(progress: Callable[[str], None] | None, message: str) -> None:
@@ -497,85 +456,139 @@ def _cached_samples(work_dir: Path | None, key: dict, make: Callable[[], list[Sa
     return samples
 
 
-def build_detox_spec(model, tokenizer, *, count: int | None = None, lam: float | None = None,
-                     counts: Sequence[int] = COUNTS, lams: Sequence[float] = LAMS, ppl_budget: float = PPL_BUDGET,
-                     samples: int = 4, max_new_tokens: int = 20, per_template: int = 4, docstrings: int = 40,
-                     forced_per_prompt: int = 6, toxic: Sequence[Sequence[str]] | None = None,
-                     neutral: Sequence[str] | None = None, scorer=None, batch_size: int = 16, seed: int = 0,
-                     name: str = "detox", work_dir: str | Path | None = None,
-                     progress: Callable[[str], None] | None = None) -> Spec:
-    """Choose value-vector edits that lower toxicity at a bounded fluency cost (see module docstring).
 
-    ``toxic`` (groups of prompts sharing a source line) and ``neutral`` replace the shipped
-    selection prompts; ``scorer`` is a name for ``evaluation.toxicity.get_toxicity_scorer``, an
-    object with ``.score(texts)`` or a function (default: alt-profanity-check, offline).
-    ``count`` / ``lam`` fix the number of vectors / the weight of the KL cost; otherwise every
-    combination of ``counts`` x ``lams`` is checked on held-out selection prompts and the largest
-    drop of toxic log-likelihood whose estimated perplexity rise stays within ``ppl_budget`` wins.
+
+@dataclass
+class Target:
+    """What a build moves: the words ``score`` flags (>= ``threshold``), made more (up) or less (down) likely.
+
+    ``words``: forced after the forcing prompts (with the flagged words the model wrote itself
+    whose score reaches ``forced_threshold``). ``prior``: see :func:`candidates`.
+    """
+
+    name: str
+    score: Callable[[list[str]], list[float]]
+    direction: str = "down"
+    words: Sequence[str] = ()
+    prior: torch.Tensor | None = None
+    prior_weight: float = 0.0
+    threshold: float = 0.5
+    forced_threshold: float = FORCED_THRESHOLD
+    widen: float = 1.0  # see candidates()
+
+    def __post_init__(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be 'up' or 'down', got {self.direction!r}")
+
+
+def _flip(att: Attribution) -> Attribution:
+    """The attribution of the spans' *negative* log-likelihood: ``up`` maximizes what ``down`` minimizes."""
+    return Attribution(**{**att.__dict__, "tox_g": -att.tox_g, "tox_ga": -att.tox_ga})
+
+
+def _mid_sample_prompts(tokenizer, samples: list[Sample], per_sample: int, seed: int) -> list[str]:
+    """Prompt + the first words of one of its samples, cut at a word start: more places to force the target."""
+    rng = random.Random(seed)
+    out = []
+    for s in samples:
+        words = _words(tokenizer, s.continuation_ids)
+        for _ in range(per_sample):
+            if len(words) < 3:
+                break
+            cut = words[rng.randrange(1, len(words) - 1)][1][0]
+            out.append(tokenizer.decode(s.prompt_ids + s.continuation_ids[:cut], skip_special_tokens=True))
+    return out
+
+
+def build_spec(model, tokenizer, target: Target, *, force: Sequence[Sequence[str]],
+               background: Sequence[Sequence[str]] = (), count: int | None = None, lam: float | None = None,
+               counts: Sequence[int] = COUNTS, lams: Sequence[float] = LAMS, ppl_budget: float = PPL_BUDGET,
+               samples: int = 4, max_new_tokens: int = 20, forced_per_prompt: int = 6, mid_sample: int = 0,
+               batch_size: int = 16, seed: int = 0, name: str | None = None, work_dir: str | Path | None = None,
+               progress: Callable[[str], None] | None = None, **extra_meta) -> Spec:
+    """Choose value-vector edits that move ``target`` at a bounded fluency cost (module docstring).
+
+    ``force``: groups of selection prompts (a group shares a source line) that are sampled *and*
+    after which the target's words are forced; ``background``: groups only sampled (their text
+    prices fluency). Every fourth group of each is held out to choose ``count`` / ``lam``.
+    ``mid_sample``: also force the words at that many random word starts of each own sample.
     ``work_dir`` keeps the sampled text, so a rerun (or an interrupted build) skips sampling.
     """
-    if samples < 1 or max_new_tokens < 1 or batch_size < 1 or forced_per_prompt < 0:
-        raise ValueError("samples, max_new_tokens and batch_size must be at least 1, forced_per_prompt >= 0")
+    if samples < 1 or max_new_tokens < 1 or batch_size < 1 or forced_per_prompt < 0 or mid_sample < 0:
+        raise ValueError("samples, max_new_tokens and batch_size must be at least 1; forced_per_prompt, mid_sample >= 0")
     if count is not None and count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
     if lam is not None and not lam > 0:
         raise ValueError(f"lam must be positive, got {lam}")
     Adapter(model)
-    score = _scorer_fn(scorer)
-    toxic_groups = [list(g) for g in (toxic if toxic is not None else toxic_prompts(per_template, seed))]
-    neutral_list = list(neutral if neutral is not None else neutral_prompts(docstrings))
-    if len(toxic_groups) < 2 or len(neutral_list) < 2:
-        raise ValueError("need at least 2 toxic prompt groups and 2 neutral prompts (some are held out)")
-    tox_sel, tox_held = split_groups(toxic_groups, min(4, len(toxic_groups)))
-    neu_sel, neu_held = split_groups([[p] for p in neutral_list], min(4, len(neutral_list)))
+    name = name or f"{target.name}-{target.direction}"
+    force_groups = [list(g) for g in force]
+    back_groups = [list(g) for g in background]
+    if len(force_groups) + len(back_groups) < 4 or not force_groups:
+        raise ValueError("need at least 4 selection prompt groups, some to force after (every fourth is held out)")
+    f_sel, f_held = split_groups(force_groups, min(4, len(force_groups)))
+    b_sel, b_held = split_groups(back_groups, min(4, len(back_groups))) if back_groups else ([], [])
+    score = target.score
     folder = Path(work_dir) if work_dir is not None else None
     runs: dict[str, list[Sample]] = {}
     marked: dict[str, list[str]] = {}
-    for part, prompts in (("selection", tox_sel + neu_sel), ("held-out", tox_held + neu_held)):
+    for part, prompts in (("selection", f_sel + b_sel), ("held-out", f_held + b_held)):
         part_seed = seed * 2 + (part == "held-out")
         key = dict(part=part, model=fingerprint(model), prompts=prompts, samples=samples,
                    max_new_tokens=max_new_tokens, seed=part_seed)
         _say(progress, f"{part}: sampling {len(prompts)} prompts x {samples}")
         runs[part] = _cached_samples(folder, key, lambda: sample_continuations(
             model, tokenizer, prompts, samples, max_new_tokens, seed=part_seed, batch_size=max(batch_size, 4 * samples)))
-        marked[part] = mark_toxic(runs[part], tokenizer, score)
-        _say(progress, f"{part}: {len(marked[part])} toxic words in {len(runs[part])} samples")
-    # forced continuations: the template words and the clearest toxic words the model wrote itself
+        marked[part] = mark_toxic(runs[part], tokenizer, score, target.threshold)
+        _say(progress, f"{part}: {len(marked[part])} {target.name} words in {len(runs[part])} samples")
+    # forced continuations: the target's words and the clearest flagged words the model wrote itself
     seen = sorted({w.lower() for w in marked["selection"] if w.isalpha() and len(w) >= 3})
-    words = sorted(set(TEMPLATE_WORDS) | {w for w, p in zip(seen, score(seen) if seen else []) if p >= FORCED_THRESHOLD})
+    words = sorted({w.strip() for w in target.words if w.strip()}
+                   | {w for w, p in zip(seen, score(seen) if seen else []) if p >= target.forced_threshold})
     forced = {"selection": [], "held-out": []}
-    if forced_per_prompt:
-        for part, prompts in (("selection", tox_sel), ("held-out", tox_held)):
-            forced[part] = forced_samples(model, tokenizer, prompts, words, forced_per_prompt, batch_size)
+    if forced_per_prompt and words:
+        for part, prompts in (("selection", f_sel), ("held-out", f_held)):
+            contexts = list(prompts)
+            if mid_sample:
+                mine = set(prompts)
+                own = [s for s in runs[part] if tokenizer.decode(s.prompt_ids, skip_special_tokens=True) in mine]
+                contexts += _mid_sample_prompts(tokenizer, own, mid_sample, seed)
+            forced[part] = forced_samples(model, tokenizer, contexts, words, forced_per_prompt, batch_size)
     if not any(any(s.toxic) for s in runs["selection"] + forced["selection"]):
-        raise ValueError("the selection samples contain no word the scorer flags: nothing to learn from; "
-                         "use more samples or other toxic prompts")
+        raise ValueError(f"the selection samples contain no {target.name} word: nothing to learn from; "
+                         "use more samples, other prompts or more words")
     _say(progress, f"attributing {len(runs['selection'])} samples + {len(forced['selection'])} forced continuations")
     att = attribute(model, runs["selection"] + forced["selection"], batch_size=batch_size, seed=seed)
+    if target.direction == "up":
+        att = _flip(att)
     held = HeldOut(model, runs["held-out"] + forced["held-out"], batch_size=batch_size)
+    sign = -1.0 if target.direction == "up" else 1.0  # gain = sign * drop of the spans' log-likelihood
     results = []
     for lam_ in [lam] if lam is not None else lams:
-        ranked = candidates(att, lam_)
+        ranked = candidates(att, lam_, target.prior, target.prior_weight, target.direction, target.widen)
         for count_ in [count] if count is not None else counts:
             chosen = ranked[:count_]
             if not chosen or any(r[0] == lam_ and r[1] == len(chosen) for r in results):
                 break
             result = held.check(spec_from(chosen, model, name))
             results.append((lam_, len(chosen), result, chosen))
-            _say(progress, f"lam {lam_:g} count {len(chosen)}: held-out toxic drop {result.toxic_drop:.3f} nats, "
-                           f"KL {result.kl:.4f} nats/token, perplexity {result.ppl_rise:+.1%}")
+            _say(progress, f"lam {lam_:g} count {len(chosen)}: held-out {target.name} log-likelihood "
+                           f"{-result.toxic_drop:+.3f} nats, KL {result.kl:.4f} nats/token, "
+                           f"perplexity {result.ppl_rise:+.1%}")
             if result.ppl_rise > ppl_budget:
                 break  # more vectors only cost more
     if not results:
-        raise ValueError("no value-vector edit lowers the toxic log-likelihood on the selection samples")
+        raise ValueError(f"no value-vector edit moves {target.name} {target.direction} on the selection samples")
     fits = [r for r in results if r[2].ppl_rise <= ppl_budget] or [min(results, key=lambda r: r[2].ppl_rise)]
-    lam_, count_, result, chosen = max(fits, key=lambda r: r[2].toxic_drop)
-    meta = dict(method="gradient attribution: toxic-span log-likelihood vs Fisher KL on the model's own samples",
-                lam=lam_, count=count_, ppl_budget=ppl_budget, held_out_toxic_drop=round(result.toxic_drop, 4),
-                held_out_kl=round(result.kl, 5), held_out_ppl_rise=round(result.ppl_rise, 4), held_out_toxic_ratio=round(result.toxic_mass, 4),
+    lam_, count_, result, chosen = max(fits, key=lambda r: sign * r[2].toxic_drop)
+    meta = dict(method=f"gradient attribution: {target.name} span log-likelihood ({target.direction}) vs Fisher KL "
+                       "on the model's own samples", target=target.name, direction=target.direction,
+                lam=lam_, count=count_, ppl_budget=ppl_budget, prior_weight=target.prior_weight,
+                held_out_change=round(-result.toxic_drop, 4), held_out_kl=round(result.kl, 5),
+                held_out_ppl_rise=round(result.ppl_rise, 4), held_out_ratio=round(result.toxic_mass, 4),
                 selection_samples=len(runs["selection"]), forced_continuations=len(forced["selection"]),
-                held_out_samples=len(runs["held-out"]), toxic_spans=round(att.n_spans, 2),
-                fingerprint=fingerprint(model))
+                held_out_samples=len(runs["held-out"]), spans=round(att.n_spans, 2),
+                selection_prompt_count=len(f_sel + b_sel), **extra_meta, fingerprint=fingerprint(model))
     return spec_from(chosen, model, name, **meta)
 
 
@@ -600,5 +613,3 @@ def next_token_effect(model, tokenizer, spec: Spec, prompts: Sequence[str], top:
     pick = lambda ids: [(tokenizer.decode([int(i)]), round(float(change[i]), 3)) for i in ids]  # noqa: E731
     return pick(valid[order[:top]]), pick(valid[order.flip(0)[:top]])
 
-
-# -- presets -------------------------------------------------------------------------------------
