@@ -378,6 +378,9 @@ class SteerDemo:
         check_prompt(prompt)
         if len(prompt) > self.limits.prompt_chars:
             raise SteerError(f"the prompt is {len(prompt)} characters long; the limit is {self.limits.prompt_chars}")
+        n_tokens = len(self.tokenizer(prompt)["input_ids"])
+        if n_tokens > self.limits.prompt_tokens:
+            raise SteerError(f"the prompt is {n_tokens} tokens long; the limit is {self.limits.prompt_tokens}")
         whole_ok = isinstance(sampling.max_new_tokens, int) and not isinstance(sampling.max_new_tokens, bool)
         if not (whole_ok and 1 <= sampling.max_new_tokens <= self.limits.max_new_tokens):
             raise SteerError(f"max new tokens must be between 1 and {self.limits.max_new_tokens}, "
@@ -386,11 +389,7 @@ class SteerDemo:
         if number(sampling.top_p, "top-p", high=1.0) <= 0:
             raise SteerError(f"top-p must be in (0, 1], got {sampling.top_p}")
         integer(sampling.seed, "seed", low=0, high=2**32 - 1)
-        inputs, _ = encode_prompt(self.tokenizer, self.model, prompt, sampling.max_new_tokens)
-        if inputs["input_ids"].shape[1] > self.limits.prompt_tokens:
-            raise SteerError(f"the prompt is {inputs['input_ids'].shape[1]} tokens long; the limit is "
-                             f"{self.limits.prompt_tokens}")
-        return inputs
+        return encode_prompt(self.tokenizer, self.model, prompt, sampling.max_new_tokens)[0]  # fits the context
 
     def _generation_config(self, sampling: Sampling):
         config = copy.deepcopy(self.model.generation_config)
