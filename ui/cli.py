@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except (UserError, ValueError, FileNotFoundError, OSError, KeyError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"steer {args.command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+        message = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+        prefix = f"steer {args.command}: "
+        print(f"{prefix}error: {message.removeprefix(prefix)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"steer {args.command}: interrupted", file=sys.stderr)
