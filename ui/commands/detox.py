@@ -12,8 +12,11 @@ from steer.ui.commands.vectors import add_model_args, load_from_args
 def _build(args) -> int:
     from steer.detox import build_detox_spec
 
+    from steer.evaluation.toxicity import check_scorer_name
+
     if args.out is None:
         raise ValueError("--out FILE is required (a .json or .yaml spec to write)")
+    check_scorer_name(args.scorer)
     model, tokenizer = load_from_args(args)
     start = time.perf_counter()
 
