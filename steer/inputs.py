@@ -27,13 +27,13 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence
 def number(value: Any, what: str, low: float | None = None, high: float | None = None) -> float:
     """``value`` as a finite float in ``[low, high]``; NaN, infinities, bools and text are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SteerError(f"{what} must be a number, got {_shown(value)}")
+        raise SteerError(f"{what} must be a number, got {shown(value)}")
     try:
         result = float(value)
     except OverflowError:  # an int beyond float range
         result = math.inf
     if not math.isfinite(result):
-        raise SteerError(f"{what} must be finite, got {_shown(value)}")
+        raise SteerError(f"{what} must be finite, got {shown(value)}")
     _check_range(result, value, what, low, high)
     return result
 
@@ -41,7 +41,7 @@ def number(value: Any, what: str, low: float | None = None, high: float | None =
 def whole(value: Any, what: str, low: int | None = None, high: int | None = None) -> int:
     """``value`` as an int in ``[low, high]``; floats (even 2.0), bools and text are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SteerError(f"{what} must be a whole number, got {_shown(value)}")
+        raise SteerError(f"{what} must be a whole number, got {shown(value)}")
     _check_range(int(value), value, what, low, high)
     return int(value)
 
@@ -57,11 +57,11 @@ def _check_range(value: float, shown: Any, what: str, low: float | None, high: f
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = (f"between {low} and {high}" if low is not None and high is not None
                   else f">= {low}" if low is not None else f"<= {high}")
-        raise SteerError(f"{what} must be {bounds}, got {_shown(shown)}")
+        raise SteerError(f"{what} must be {bounds}, got {shown(shown)}")
 
 
-def _shown(value: Any, limit: int = 40) -> str:
-    """``repr(value)``, shortened: a message stays one readable line even for 10**400."""
+def shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)``, shortened: a message stays one readable line even for 10**400 or a long list."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 

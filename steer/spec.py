@@ -24,7 +24,7 @@ import yaml
 
 from .errors import SpecError, SteerError
 from .families import Adapter
-from .inputs import load_data, number, whole
+from .inputs import load_data, number, shown, whole
 from .layers import LayerOp, check_ops, check_ops_for
 from .names import VectorName
 
@@ -101,7 +101,7 @@ class Spec:
                 parsed.append(Edit(*item))
             else:
                 raise SpecError(f"spec {name!r}: edits[{i}] must be (layer, index, op, value) or "
-                                f"(\"L3.N5\", op, value), got {item!r}")
+                                f"(\"L3.N5\", op, value), got {shown(item, 80)}")
         spec = cls(name, tuple(parsed), ModelShape.of(model) if model is not None else None, meta,
                    _layer_ops(layers, "layers"))
         if model is not None:
@@ -143,15 +143,15 @@ class Spec:
             raise SpecError(f"{source}: 'name' must be a non-empty string")
         items = data.get("edits")
         if items is not None and not isinstance(items, list):
-            raise SpecError(f"{source}: 'edits' must be a list of {{vector, op, value}} entries, got {items!r}")
+            raise SpecError(f"{source}: 'edits' must be a list of {{vector, op, value}} entries, got {shown(items)}")
         meta = data.get("meta")
         if meta is not None and not isinstance(meta, dict):
-            raise SpecError(f"{source}: 'meta' must be a mapping, got {meta!r}")
+            raise SpecError(f"{source}: 'meta' must be a mapping, got {shown(meta)}")
         edits = []
         for i, item in enumerate(items or []):
             where = f"{source}: edits[{i}]"
             if not isinstance(item, dict) or set(item) != {"vector", "op", "value"}:
-                raise SpecError(f"{where} must have exactly the keys vector, op, value; got {item!r}")
+                raise SpecError(f"{where} must have exactly the keys vector, op, value; got {shown(item, 80)}")
             try:
                 vector = VectorName.parse(str(item["vector"]))
                 edits.append(Edit(vector.layer, vector.index, item["op"], item["value"]))
@@ -173,8 +173,6 @@ class Spec:
         """A spec file (JSON, or YAML by its suffix); every problem is a :class:`SpecError` naming the file."""
         try:
             data = load_data(path, "spec")
-        except SpecError:
-            raise
         except SteerError as err:
             raise SpecError(str(err)) from None
         return cls.from_dict(data, str(path))
@@ -206,9 +204,9 @@ def _shape(model: Any, source: str) -> ModelShape | None:
     if model is None:
         return None
     if not isinstance(model, dict) or set(model) != {"name", "n_layers", "d_ff", "d_model"}:
-        raise SpecError(f"{source}: 'model' needs name, n_layers, d_ff, d_model; got {model!r}")
+        raise SpecError(f"{source}: 'model' needs name, n_layers, d_ff, d_model; got {shown(model, 80)}")
     if not isinstance(model["name"], str):
-        raise SpecError(f"{source}: model.name must be a string, got {model['name']!r}")
+        raise SpecError(f"{source}: model.name must be a string, got {shown(model['name'])}")
     try:
         sizes = {k: whole(model[k], f"model.{k}", low=1) for k in ("n_layers", "d_ff", "d_model")}
     except SteerError as err:

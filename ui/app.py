@@ -167,8 +167,8 @@ def build_app(demo: SteerDemo) -> gr.Blocks:
         @_guard
         def generate(prompt, rows, name, extra, temperature, top_p, max_new, seed, early, threshold):
             spec = demo.spec_from_rows(rows, name, extra)
-            sampling = Sampling(_float(temperature, "temperature"), _float(top_p, "top-p"), _int(max_new, "max new tokens"),
-                                _int(seed, "seed"))
+            sampling = Sampling(number(temperature, "temperature"), number(top_p, "top-p"),
+                                _int(max_new, "max new tokens"), _int(seed, "seed"))
             if early and not demo.has_exit_model:  # fitted by this request: use its calibrated threshold
                 demo.exit_model()
                 threshold = demo.threshold
@@ -242,11 +242,7 @@ def build_app(demo: SteerDemo) -> gr.Blocks:
 
 
 def _int(value, what: str) -> int:
-    return integer(value, what)
-
-
-def _float(value, what: str) -> float:
-    return number(value, what)
+    return integer(value, what)  # sliders send whole numbers as floats
 
 
 def _spec_file(spec) -> str:
