@@ -53,11 +53,11 @@ def integer(value: Any, what: str, low: int | None = None, high: int | None = No
     return whole(value, what, low, high)
 
 
-def _check_range(value: float, shown: Any, what: str, low: float | None, high: float | None) -> None:
+def _check_range(value: float, given: Any, what: str, low: float | None, high: float | None) -> None:
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = (f"between {low} and {high}" if low is not None and high is not None
                   else f">= {low}" if low is not None else f"<= {high}")
-        raise SteerError(f"{what} must be {bounds}, got {shown(shown)}")
+        raise SteerError(f"{what} must be {bounds}, got {shown(given)}")
 
 
 def shown(value: Any, limit: int = 40) -> str:
