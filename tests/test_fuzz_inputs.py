@@ -6,8 +6,10 @@ bounded number of examples (a few seconds), with no example database written to 
 """
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import shutil
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -100,11 +102,8 @@ SPEC_DATA = mutated(specs().map(Spec.to_dict), {
 })
 
 
-def _scratch() -> Path:
-    return Path(tempfile.mkdtemp(prefix="steer-fuzz-"))
-
-
-SCRATCH = _scratch()
+SCRATCH = Path(tempfile.mkdtemp(prefix="steer-fuzz-"))  # files the examples write (Hypothesis reruns a test
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)  # many times: no function-scoped tmp_path)
 
 
 def assert_library_error(call):
