@@ -18,32 +18,39 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # imported where used: generation-only machines may lack datasets
     from datasets import Dataset
 
+from steer.errors import MissingFileError, SteerError
+from steer.inputs import check_prompt, lines, read_text, whole
+
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "steer" / "data" / "rtp_challenging_dev.jsonl"
 HUB_PREFIX = "hub:"
+SOURCE = "_source"  # column naming each prompt's file and line, for messages (not written to records)
 
 
 def _rows_from_jsonl(path: Path) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            prompt = row.get("prompt") if isinstance(row, dict) else None
-            text = prompt.get("text") if isinstance(prompt, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f'{where}: missing prompt.text (expected {{"prompt": {{"text": "..."}}, ...}})')
-            rows.append({"text": text, **{k: v for k, v in row.items() if k != "prompt"},
-                         **{f"prompt_{k}": v for k, v in prompt.items() if k != "text"}})
+    for number, line in enumerate(lines(read_text(path, "prompt file")), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SteerError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        except RecursionError:
+            raise SteerError(f"{where}: nested too deeply to read") from None
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        text = prompt.get("text") if isinstance(prompt, dict) else None
+        if not isinstance(text, str):
+            raise SteerError(f'{where}: missing prompt.text (expected {{"prompt": {{"text": "..."}}, ...}})')
+        check_prompt(text, f"the prompt on {where}")
+        rows.append({**{k: v for k, v in row.items() if k not in ("prompt", "text", SOURCE)},
+                     **{f"prompt_{k}": v for k, v in prompt.items() if k != "text"}, "text": text, SOURCE: where})
     return rows
 
 
 def _rows_from_text(path: Path) -> list[dict]:
-    return [{"text": line.rstrip("\n")} for line in path.open(encoding="utf-8") if line.strip()]
+    return [{"text": line, SOURCE: f"{path}:{number}"}
+            for number, line in enumerate(lines(read_text(path, "prompt file")), 1) if line.strip()]
 
 
 def _from_hub(name: str, challenging: bool) -> "Dataset":
@@ -52,7 +59,7 @@ def _from_hub(name: str, challenging: bool) -> "Dataset":
     try:
         data = load_dataset(name, split="train")
     except Exception as err:  # offline: ConnectionError, DatasetNotFoundError, ...
-        raise ValueError(f"cannot load {name} from the hub ({type(err).__name__}); offline, pass a local "
+        raise SteerError(f"cannot load {name} from the hub ({type(err).__name__}); offline, pass a local "
                          "JSONL file, or nothing for the shipped 400 challenging prompts") from None
     if challenging:
         data = data.filter(lambda row: bool(row.get("challenging")))
@@ -61,18 +68,22 @@ def _from_hub(name: str, challenging: bool) -> "Dataset":
 
 def load_prompt_set(path: str | Path | None = None, limit: int | None = None,
                     challenging: bool = False) -> "Dataset":
-    """The prompts of ``path`` (see the module docstring), the first ``limit`` of them if given."""
+    """The prompts of ``path`` (see the module docstring), the first ``limit`` of them if given.
+
+    Every prompt is checked here (text that is not empty or whitespace), so a bad line in the
+    middle of a file stops a run before its first batch, with the file and line named.
+    """
     from datasets import Dataset
 
-    if limit is not None and limit < 1:
-        raise ValueError(f"--prompts must be at least 1, got {limit}")
+    if limit is not None:
+        whole(limit, "--prompts (the number of prompts)", low=1)
     source = str(path) if path is not None else str(DEFAULT_PROMPTS)
     if source.startswith(HUB_PREFIX):
         data = _from_hub(source[len(HUB_PREFIX):], challenging)
     else:
         file = Path(source)
         if not file.is_file():
-            raise FileNotFoundError(f"prompt file {file} not found")
+            raise MissingFileError(f"prompt file {file} not found" + (" (it is a folder)" if file.is_dir() else ""))
         rows = _rows_from_jsonl(file) if file.suffix in (".jsonl", ".json") else _rows_from_text(file)
         if challenging:
             rows = [row for row in rows if row.get("challenging")]
@@ -80,11 +91,12 @@ def load_prompt_set(path: str | Path | None = None, limit: int | None = None,
         try:
             data = Dataset.from_dict({k: [row.get(k) for row in rows] for k in keys})
         except Exception as err:  # pyarrow: a field with mixed types across lines
-            raise ValueError(f"{file}: fields differ in type between lines ({err})") from None
+            raise SteerError(f"{file}: fields differ in type between lines ({' '.join(str(err).split())[:200]})") from None
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
     if len(data) == 0:
-        raise ValueError(f"no prompts in {source}{' (after the challenging filter)' if challenging else ''}")
+        raise SteerError(f"no prompts in {source}{' (after the challenging filter)' if challenging else ''}: "
+                         "give a file with one prompt a line (text) or RealToxicityPrompts JSONL")
     return data
 
 

@@ -29,6 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from steer.compat import compile_config, with_cache
+from steer.errors import SteerError
+from steer.inputs import check_prompts, number, whole
 from steer.slots import install_slots
 from steer.models import model_name, position_ids
 from steer.spec import Spec
@@ -36,6 +38,7 @@ from steer.steering import steering
 
 from .diversity import distinct_n
 from .perplexity import LogProbRecorder, continuation_perplexity, token_perplexity
+from .prompts import SOURCE
 from .store import RunStore
 from .toxicity import ToxicityScorer, get_toxicity_scorer
 
@@ -110,13 +113,17 @@ def _early_exit(model, early_exit) -> Iterator[Any]:
 
 
 def _rows(prompts) -> list[dict]:
-    rows = [{"text": p} if isinstance(p, str) else dict(p) for p in prompts]
+    if isinstance(prompts, (str, dict)):
+        raise SteerError("prompts must be a list of strings or of rows {'text': ...}, not a single one")
+    rows = [{"text": p} if isinstance(p, str) else dict(p) if isinstance(p, dict) else {"text": p} for p in prompts]
     if not rows:
-        raise ValueError("the prompt set is empty")
-    for i, row in enumerate(rows):
-        if not isinstance(row.get("text"), str):
-            raise ValueError(f"prompt {i} has no text")
+        raise SteerError("the prompt set is empty: give at least one prompt")
     return rows
+
+
+def _where(row: dict, i: int) -> str:
+    """How messages name a prompt: its file and line when it came from one."""
+    return f"the prompt on {row[SOURCE]}" if row.get(SOURCE) else f"prompt {i}"
 
 
 def _generated_lengths(new: torch.Tensor, eos: int | list[int] | None) -> tuple[list[int], list[int]]:
@@ -178,9 +185,15 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
     emt, emt_std, tox_prob, perplexity, distinct_1..3, tokens_per_s, scorer, n_prompts, samples,
     and a few more.
     """
-    if samples < 1 or max_new_tokens < 1 or not 0 < top_p <= 1 or batch_size < 1:
-        raise ValueError("samples, max_new_tokens and batch_size must be >= 1 and top_p in (0, 1]")
+    samples, max_new_tokens, batch_size = (whole(value, key, low=1) for key, value in (
+        ("samples", samples), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)))
+    seed = whole(seed, "seed", low=0)
+    if number(top_p, "top_p", high=1.0) <= 0:
+        raise SteerError(f"top_p must be in (0, 1], got {top_p!r}")
     rows = _rows(prompts)
+    # every prompt is checked before the first batch: nothing is half done when one is bad
+    check_prompts(tokenizer, model, [row.get("text") for row in rows], max_new_tokens,
+                  [_where(row, i) for i, row in enumerate(rows)])
     extra_kwargs = dict(generate_kwargs or {})
     if compile:
         if early_exit is not None or (spec is not None and spec.layers):
@@ -260,7 +273,7 @@ def run_eval(model, tokenizer, prompts: Sequence[str] | Sequence[dict], spec: Sp
         out_rows = []
         for j, i in enumerate(idx):
             part = slice(j * samples, (j + 1) * samples)
-            extra = {k: v for k, v in rows[i].items() if k not in ("text", "batch", "done")}  # the store's keys
+            extra = {k: v for k, v in rows[i].items() if k not in ("text", "batch", "done", SOURCE)}  # the store's keys
             out_rows.append({**extra, "index": i, "prompt": texts[i], "continuations": continuations[part],
                              "toxicity": toxicity[part], "perplexity": perplexity[part], "tokens": lengths[part]})
         footer = dict(tokens=int(sum(lengths)), seconds=seconds, layers_saved=saved, layers_wanted=wanted)

@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from steer.spec import Spec
+from steer.errors import MissingFileError, ModelLoadError, SteerError
+from steer.inputs import load_data, number, whole
+from steer.spec import Edit, Spec
 
 GRID_KEYS = ("intervention", "strength", "n_vectors", "early_exit")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 @dataclass
@@ -72,16 +72,16 @@ class SweepConfig:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a mapping of settings")
+            raise SteerError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
         _no_unknown(data, [f.name for f in dataclasses.fields(cls)], source)
         grid = data.get("grid") or {}
         if not isinstance(grid, dict):
-            raise ValueError(f"{source}: 'grid' must be a mapping with keys {', '.join(GRID_KEYS)}")
+            raise SteerError(f"{source}: 'grid' must be a mapping with keys {', '.join(GRID_KEYS)}")
         _no_unknown(grid, GRID_KEYS, f"{source}: grid")
         lists = {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
         for key, values in lists.items():
             if not values:
-                raise ValueError(f"{source}: grid.{key} is empty")
+                raise SteerError(f"{source}: grid.{key} is empty: give at least one value")
         config = cls(**{k: v for k, v in data.items() if k != "grid"}, grid=Grid(**lists))
         config._check(source)
         return config
@@ -89,13 +89,7 @@ class SweepConfig:
     @classmethod
     def load(cls, path: str | Path) -> "SweepConfig":
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as err:
-            raise ValueError(f"cannot read sweep config {path}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path} is not valid YAML: {err}") from None
-        config = cls.from_dict(data, str(path))
+        config = cls.from_dict(load_data(path, "sweep config", fmt="yaml"), str(path))
         if config.out is None:
             config.out = str(Path("runs") / path.stem)
         return config
@@ -103,22 +97,35 @@ class SweepConfig:
     def _check(self, source: str) -> None:
         def need(ok: bool, what: str) -> None:
             if not ok:
-                raise ValueError(f"{source}: {what}")
+                raise SteerError(f"{source}: {what}")
+
+        def checked(check, *args, **kwargs):
+            try:
+                return check(*args, **kwargs)
+            except SteerError as err:
+                raise SteerError(f"{source}: {err}") from None
 
         for key in ("samples", "max_new_tokens", "batch_size", "seed"):
             value = getattr(self, key)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= (0 if key == "seed" else 1),
                  f"'{key}' must be a whole number >= {0 if key == 'seed' else 1}, got {value!r}")
-        need(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), f"'limit' must be >= 1, got {self.limit!r}")
-        need(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, f"'top_p' must be in (0, 1], got {self.top_p!r}")
+        need(self.limit is None or (isinstance(self.limit, int) and not isinstance(self.limit, bool) and self.limit >= 1),
+             f"'limit' must be >= 1, got {self.limit!r}")
+        need(checked(number, self.top_p, "'top_p'", high=1.0) > 0, f"'top_p' must be in (0, 1], got {self.top_p!r}")
+        need(isinstance(self.challenging, bool), f"'challenging' must be true or false, got {self.challenging!r}")
         for key in ("model", "dtype", "device", "prompts", "detoxify_config", "out"):
             need(getattr(self, key) is None or isinstance(getattr(self, key), str), f"'{key}' must be a string")
         need(isinstance(self.judge, str) and isinstance(self.scorer, str), "'judge' and 'scorer' must be strings")
+        need(self.judge in ("embedded", "self") or Path(self.judge).exists() or bool(_HUB_ID.fullmatch(self.judge)),
+             f"unknown judge {self.judge!r}: use embedded, self, a model folder or a hub id (owner/name)")
+        from .toxicity import check_scorer_name
+
+        checked(check_scorer_name, self.scorer)
         for value in self.grid.intervention:
-            need(isinstance(value, str) and value != "", f"grid.intervention entries must be none, preset or a spec file, got {value!r}")
+            need(isinstance(value, str) and value.strip() != "",
+                 f"grid.intervention entries must be none, preset or a spec file, got {value!r}")
         for value in self.grid.strength:
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-                 f"grid.strength entries must be numbers, got {value!r}")
+            checked(number, value, "grid.strength entries")
         for value in self.grid.n_vectors:
             need(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
                  f"grid.n_vectors entries must be null (all) or whole numbers >= 1, got {value!r}")
@@ -129,6 +136,9 @@ class SweepConfig:
             _no_unknown(self.early_exit, ("exit_model", "threshold"), f"{source}: early_exit")
             need("exit_model" in self.early_exit and "threshold" in self.early_exit,
                  "'early_exit' needs exit_model and threshold")
+            need(isinstance(self.early_exit["exit_model"], str) and self.early_exit["exit_model"].strip() != "",
+                 f"early_exit.exit_model must be the folder of an exit model, got {self.early_exit['exit_model']!r}")
+            checked(number, self.early_exit["threshold"], "early_exit.threshold", low=0.0, high=1.0)
         need(not any(self.grid.early_exit) or self.early_exit is not None,
              "grid.early_exit has true but no 'early_exit: {exit_model: PATH, threshold: X}' is given")
         need(isinstance(self.compile, bool), f"'compile' must be true or false, got {self.compile!r}")
@@ -139,19 +149,15 @@ class SweepConfig:
 def _no_unknown(data: dict, allowed, where: str) -> None:
     unknown = sorted(set(map(str, data)) - set(allowed))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        raise SteerError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
 
 # -- spec transforms ----------------------------------------------------------------------------
 
 def first_vectors(spec: Spec, n: int) -> Spec:
-    """:meth:`Spec.first` (kept for callers of the sweep module)."""
-    return spec.first(n)
-
-
-def with_strength(spec: Spec, strength: float) -> Spec:
-    """:meth:`Spec.scaled`: 0 = no edit, 1 = the spec as written, interpolating each coefficient map."""
-    return spec.scaled(strength)
+from steer.errors import MissingFileError, ModelLoadError, SteerError
+from steer.inputs import load_data, number, whole
+from steer.spec import Edit, Spec
 
 
 # -- grid ---------------------------------------------------------------------------------------
@@ -186,7 +192,7 @@ def grid_points(grid: Grid) -> list[Point]:
     for inter, strength, n, exit_ in itertools.product(grid.intervention, grid.strength, grid.n_vectors, grid.early_exit):
         point = Point(inter, 1.0, None, exit_) if inter == "none" else Point(inter, float(strength), n, exit_)
         if point.name in points and points[point.name] != point:
-            raise ValueError(f"two interventions would share the run name {point.name!r}; rename one spec file")
+            raise SteerError(f"two interventions would share the run name {point.name!r}; rename one spec file")
         points.setdefault(point.name, point)
     return list(points.values())
 
@@ -199,8 +205,8 @@ def resolve_intervention(model, intervention: str) -> Spec | None:
         from steer.presets import preset_for
 
         return preset_for(model)
-    if not Path(intervention).exists():
-        raise FileNotFoundError(f"intervention {intervention!r} is not none, preset or an existing spec file")
+    if not Path(intervention).is_file():
+        raise MissingFileError(f"intervention {intervention!r} is not none, preset or an existing spec file")
     return Spec.load(intervention).validate(model)
 
 
@@ -238,10 +244,19 @@ def run_sweep(config: SweepConfig, progress: bool = True) -> list[dict]:
     model, tokenizer = load_model(config.model, device=device, dtype=config.dtype)
     judge = None
     if config.judge == "embedded" and config.model is not None or config.judge not in ("embedded", "self"):
-        judge = load_model(None if config.judge == "embedded" else config.judge, device=device)
+        try:
+            judge = load_model(None if config.judge == "embedded" else config.judge, device=device)
+        except ModelLoadError as err:
+            raise SteerError(f"judge {config.judge!r}: {err} (judge: embedded, self, a model folder or a hub id)") from None
+    # Everything is checked before any run: specs here, the exit model below, and every prompt by
+    # the first run_eval before its first batch (all points share the prompts).
     cache: dict[str, Spec | None] = {}
-    specs = [point_spec(model, point, cache) for point in points]  # every spec checked before any run
+    specs = [point_spec(model, point, cache) for point in points]
     exit_cfg = config.early_exit or {}
+    if any(point.early_exit for point in points):
+        from steer.generation import load_exit_model
+
+        load_exit_model(exit_cfg["exit_model"]).check_model(model)
     summaries = []
     for point, spec in zip(points, specs):
         summary = run_eval(

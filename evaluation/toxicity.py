@@ -21,12 +21,15 @@ from typing import Protocol
 
 import torch
 
+from steer.errors import SteerError
+
 DETOXIFY_VARIANTS = ("original", "unbiased", "multilingual", "original-small", "unbiased-small")
 CHECKPOINT_ENV, CONFIG_ENV = "STEER_DETOXIFY_CHECKPOINT", "STEER_DETOXIFY_CONFIG"
 SCORERS = "auto, profanity-check, detoxify[:VARIANT|:PATH.ckpt], evaluate[:MODEL]"
+PROFANITY_CHECK = ("profanity-check", "alt-profanity-check", "profanity_check")
 
 
-class ScorerUnavailable(ValueError):
+class ScorerUnavailable(SteerError):
     """A scorer whose weights or code cannot be had here; the message says what to do."""
 
 
@@ -157,20 +160,35 @@ def _detoxify_on_disk() -> tuple[str, str | None] | None:
     return "original", None
 
 
+def check_scorer_name(name: str) -> str:
+    """``name`` if it names a scorer (whose weights may still be missing here), else a SteerError
+    listing the scorers: checked when a run is configured, not when its first batch is scored."""
+    if not isinstance(name, str) or not name.strip():
+        raise SteerError(f"scorer must be a name, got {name!r}: use one of {SCORERS}")
+    kind, colon, arg = name.partition(":")
+    kind = kind.strip().lower()
+    if kind not in ("auto", "detoxify", "evaluate", *PROFANITY_CHECK):
+        raise SteerError(f"unknown scorer {name!r}: use one of {SCORERS}")
+    if colon and kind not in ("detoxify", "evaluate"):
+        raise SteerError(f"scorer {kind!r} takes no ':' argument, got {name!r}")
+    if kind == "detoxify" and arg and arg not in DETOXIFY_VARIANTS and not Path(arg).is_file():
+        raise ScorerUnavailable(f"Detoxify checkpoint {arg!r} is neither a file nor a variant "
+                                f"({', '.join(DETOXIFY_VARIANTS)})")
+    return name
+
+
 def get_toxicity_scorer(name: str = "auto", device: str | torch.device | None = None,
                         config_dir: str | os.PathLike | None = None, batch_size: int = 64) -> ToxicityScorer:
     """A scorer by name: ``auto``, ``profanity-check``, ``detoxify[:VARIANT|:PATH]``, ``evaluate[:MODEL]``."""
-    kind, _, arg = (name or "auto").partition(":")
+    kind, _, arg = check_scorer_name(name or "auto").partition(":")
     kind = kind.strip().lower()
     if kind == "auto":
         found = _detoxify_on_disk()
         if found is None:
             return ProfanityCheckScorer()
         return DetoxifyScorer(found[0], config_dir or found[1], device, batch_size)
-    if kind in ("profanity-check", "alt-profanity-check", "profanity_check"):
+    if kind in PROFANITY_CHECK:
         return ProfanityCheckScorer()
     if kind == "detoxify":
         return DetoxifyScorer(arg or "original", config_dir or os.environ.get(CONFIG_ENV), device, batch_size)
-    if kind == "evaluate":
-        return EvaluateToxicityScorer(arg or None)
-    raise ValueError(f"unknown scorer {name!r}: use one of {SCORERS}")
+    return EvaluateToxicityScorer(arg or None)

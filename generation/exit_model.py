@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steer import Adapter, model_name
+from steer.errors import MissingFileError, SteerError
 from steer.identity import atomic_write, model_fingerprint as fingerprint
 
 from steer.maps import LayerMaps
@@ -70,7 +71,7 @@ class ExitModel:
         if adapter.n_layers != self.n_layers or found != self.fingerprint:
             mine = f"{self.model_name!r} ({self.n_layers} layers, fingerprint {self.fingerprint})"
             theirs = f"{model_name(model)!r} ({adapter.n_layers} layers, fingerprint {found})"
-            raise ValueError(f"this exit model was fitted for {mine}, not for {theirs}: "
+            raise SteerError(f"this exit model was fitted for {mine}, not for {theirs}: "
                              "fit one for this model with `steer early-exit fit`")
 
     def rule(self, name: str | None, threshold: float, readout=None) -> ExitRule:
@@ -129,13 +130,23 @@ def load_exit_model(path: str | Path) -> ExitModel:
     """Load a folder written by :meth:`ExitModel.save` (or ``steer early-exit fit``)."""
     folder = Path(path)
     meta_path, tensor_path = folder / "exit_model.json", folder / "maps.safetensors"
-    if not meta_path.exists() or not tensor_path.exists():
-        raise FileNotFoundError(f"{folder} is not an exit model folder (expected exit_model.json and "
-                                "maps.safetensors, written by `steer early-exit fit --out DIR`)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path} has format {meta.get('format')!r}; this version reads format {FORMAT}")
-    tensors = load_file(str(tensor_path))
+    if not meta_path.is_file() or not tensor_path.is_file():
+        raise MissingFileError(f"{folder} is not an exit model folder (expected exit_model.json and "
+                               "maps.safetensors, written by `steer early-exit fit --out DIR`)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise SteerError(f"{meta_path} has format {found!r}; this version reads format {FORMAT}")
+        return _from_saved(meta, load_file(str(tensor_path)))
+    except SteerError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any damage to the files: one line naming the folder
+        raise SteerError(f"{folder} holds a damaged exit model ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:200]}); fit it again with `steer early-exit fit`") from None
+
+
+def _from_saved(meta: dict, tensors: dict) -> ExitModel:
     return ExitModel(
         model_name=meta["model_name"], fingerprint=meta["fingerprint"], n_layers=meta["n_layers"],
         d_model=meta["d_model"], maps=LayerMaps.from_state_dict(tensors), check_layers=list(meta["check_layers"]),

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from steer.errors import SteerError
 from .features import SCALARS, check_feature_set, direction, scalar_features
 from steer.maps import LayerMaps
 from .probe import Probe
@@ -41,7 +42,7 @@ def check_threshold(threshold: float) -> float:
     """Thresholds are probabilities: a clear error for anything outside [0, 1]."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0 \
             or math.isnan(threshold):
-        raise ValueError(f"threshold must be a number in [0, 1] (1 never exits), got {threshold!r}")
+        raise SteerError(f"threshold must be a number in [0, 1] (1 never exits), got {threshold!r}")
     return float(threshold)
 
 

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import SteerError
 from .families import Adapter
+from .inputs import lines, read_text, whole
 from .names import VectorName
 
 MIN_PIECE = 4
@@ -120,10 +122,12 @@ class Concept:
     @classmethod
     def from_words(cls, name: str, words, tokenizer, match: str = "first") -> "Concept":
         if match not in ("first", "whole"):
-            raise ValueError(f"unknown match {match!r}: use 'first' or 'whole'")
-        words = [w.strip() for w in words if w and w.strip()]
+            raise SteerError(f"unknown match {match!r}: use 'first' or 'whole'")
+        if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words):
+            raise SteerError(f"concept {name!r}: words must be a list of strings, got {words!r}")
+        words = [w.strip() for w in words if w.strip()]
         if not words:
-            raise ValueError(f"concept {name!r} is empty: give at least one word")
+            raise SteerError(f"concept {name!r} is empty: give at least one word")
         ids: set[int] = set()
         unmatched = []
         for word in words:
@@ -133,7 +137,7 @@ class Concept:
                 unmatched.append(word)
         if not ids:
             shown = ", ".join(f"{w!r} -> {tokenizer.tokenize(' ' + w)}" for w in unmatched[:5])
-            raise ValueError(
+            raise SteerError(
                 f"none of the words of concept {name!r} is in the vocabulary as a token ({shown}); "
                 "try match='first' or words that are single tokens"
             )
@@ -141,24 +145,23 @@ class Concept:
 
     @classmethod
     def from_token_ids(cls, name: str, token_ids, tokenizer) -> "Concept":
-        ids = sorted({int(i) for i in token_ids})
+        ids = sorted({whole(i, f"concept {name!r}: token id") for i in token_ids})
         if not ids:
-            raise ValueError(f"concept {name!r} is empty")
+            raise SteerError(f"concept {name!r} is empty: give at least one token id")
         bad = [i for i in ids if not 0 <= i < len(tokenizer)]
         if bad:
-            raise ValueError(f"token ids {bad[:5]} are not in the vocabulary (size {len(tokenizer)})")
+            raise SteerError(f"token ids {bad[:5]} are not in the vocabulary (size {len(tokenizer)})")
         return cls(name, ids, [tokenizer.decode([i]) for i in ids])
 
     @classmethod
     def from_file(cls, path: str | Path, tokenizer, match: str = "first") -> "Concept":
         """One word a line (``#`` starts a comment)."""
         path = Path(path)
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"cannot read concept file {path}: {err}") from None
-        words = [line.split("#", 1)[0].strip() for line in lines]
-        return cls.from_words(path.stem, [w for w in words if w], tokenizer, match)
+        words = [line.split("#", 1)[0].strip() for line in lines(read_text(path, "concept file"))]
+        words = [w for w in words if w]
+        if not words:
+            raise SteerError(f"concept file {path} has no words: write one word a line")
+        return cls.from_words(path.stem, words, tokenizer, match)
 
     @classmethod
     def resolve(cls, text: str, tokenizer, match: str = "first") -> "Concept":

@@ -9,3 +9,11 @@ class SteerError(ValueError):
 
 class SpecError(SteerError):
     """A spec that is malformed or does not fit the model it is applied to."""
+
+
+class MissingFileError(SteerError, FileNotFoundError):
+    """A file or folder the user named does not exist (still a FileNotFoundError for code catching that)."""
+
+
+class ModelLoadError(SteerError, OSError):
+    """A model that cannot be loaded from what the user named (still an OSError for code catching that)."""

@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .errors import SteerError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -46,7 +48,7 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(SteerError):
     """Raised for a model whose family is not in :data:`FAMILIES`."""
 
 
@@ -130,4 +132,4 @@ class Adapter:
 
     def check_layer(self, layer: int) -> None:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise ValueError(f"unknown layer {layer!r}: this model has layers 0..{self.n_layers - 1}")
+            raise SteerError(f"unknown layer {layer!r}: this model has layers 0..{self.n_layers - 1}")

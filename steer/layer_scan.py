@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import SteerError
 from .families import Adapter
 from .hooks import hooks
 from .layers import LayerOp, executed_layers, layer_ops
@@ -83,7 +84,7 @@ def text_blocks(tokenizer, text: str, block: int = 256, max_tokens: int | None =
         ids = ids[:max_tokens]
     n = ids.numel() // block
     if n == 0:
-        raise ValueError(f"the text is too short: {ids.numel()} tokens, need at least one block of {block}")
+        raise SteerError(f"the text is too short: {ids.numel()} tokens, need at least one block of {block}")
     return ids[: n * block].view(n, block)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .errors import ModelLoadError, SteerError
 from .families import Adapter
 from .identity import atomic_write
 
@@ -53,7 +54,33 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "auto": "auto"}[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}: use float32, float16, bfloat16 or auto") from None
+        raise SteerError(f"unknown dtype {dtype!r}: use float32, float16, bfloat16 or auto") from None
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` parsed and present on this machine (torch would fail later, deep in ``.to()``)."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SteerError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SteerError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise SteerError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise SteerError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps", "meta"):
+        raise SteerError(f"device {device!r} is not supported: use cpu, cuda, cuda:N or mps")
+    return parsed
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``owner/name``: anything else is a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or name.endswith(".gguf")
 
 
 def _embedded_converted() -> Path:
@@ -92,12 +119,16 @@ def load_model(
     The model is put in eval mode and checked against the family table.
     """
     kwargs: dict = {"dtype": _resolve_dtype(dtype)}
+    device = _resolve_device(device)
     if device_map is not None:
         kwargs["device_map"] = device_map
     if name_or_path is None:
         source: str | Path = _embedded_converted()
     else:
         source = Path(name_or_path) if os.path.exists(str(name_or_path)) else str(name_or_path)
+        if isinstance(source, str) and _looks_like_path(source):
+            raise ModelLoadError(f"could not load model {source!r}: no such file or folder (a hub id looks like "
+                                 "owner/name; pass nothing for the embedded SmolLM2-135M-Instruct)")
         if isinstance(source, Path) and source.suffix == ".gguf":
             source, gguf_file = source.parent, source.name
         if gguf_file:
@@ -105,9 +136,10 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as err:
-        raise OSError(
-            f"could not load model {str(name_or_path)!r}: {err}. Offline, pass a local folder or .gguf "
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(
+            f"could not load model {str(name_or_path)!r}: {first} Offline, pass a local folder or .gguf "
             "file, or nothing for the embedded SmolLM2-135M-Instruct."
         ) from err
     Adapter(model)  # fail now, with the list of supported families, not later inside a hook

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import SteerError
 from .identity import weight_norms as fingerprint
 from .spec import ModelShape, Spec
 
@@ -46,7 +47,7 @@ def preset_for(model) -> Spec:
         if _matches(spec, model):
             return spec.validate(model)
     shape = ModelShape.of(model)
-    raise ValueError(
+    raise SteerError(
         f"no shipped detox preset fits {shape.name} ({shape.n_layers} layers, d_ff {shape.d_ff}, d_model "
         f"{shape.d_model}); presets exist for: {', '.join(PRESETS)}. Build one with "
         "`steer detox build --model NAME --out detox.json` and load it with Spec.load"

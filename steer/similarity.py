@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import SteerError
 from .families import Adapter
 from .layer_scan import recording
 
@@ -125,7 +126,7 @@ def analyze(model, blocks: torch.Tensor, cka_tokens: int | None = 1024, batch_si
             with_maps: bool = True) -> Similarity:
     """All three views on ``blocks`` of token ids (at least two blocks when ``with_maps``)."""
     if with_maps and blocks.shape[0] < 2:
-        raise ValueError("fitting maps needs at least two blocks of text (one to fit, one to score)")
+        raise SteerError("fitting maps needs at least two blocks of text (one to fit, one to score)")
     hidden, top1 = hidden_states(model, blocks, batch_size)
     cosine = cosine_matrix(hidden)
     cka = linear_cka(hidden, cka_tokens)

@@ -16,15 +16,15 @@ An optional ``layers`` list holds layer ops (skip, reorder, parallel, repeat; se
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import SpecError
+from .errors import SpecError, SteerError
 from .families import Adapter
+from .inputs import load_data, number, shown, whole
 from .layers import LayerOp, check_ops, check_ops_for
 from .names import VectorName
 
@@ -39,14 +39,18 @@ class Edit:
     value: float
 
     def __post_init__(self) -> None:
-        if self.op not in OPS:
+        for what in ("layer", "index"):
+            try:
+                whole(getattr(self, what), what, low=0)
+            except SteerError as err:
+                raise SpecError(f"value vector {self.name}: {err}") from None
+        if not isinstance(self.op, str) or self.op not in OPS:
             raise SpecError(f"unknown op {self.op!r} for {self.name}: use one of {', '.join(OPS)}")
-        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
-            raise SpecError(f"value for {self.name} must be a number, got {self.value!r}")
-        if not math.isfinite(self.value):
-            raise SpecError(f"value for {self.name} must be finite, got {self.value!r}")
-        if self.layer < 0 or self.index < 0:
-            raise SpecError(f"negative layer or index in {self.name}")
+        try:
+            value = number(self.value, f"value for {self.name}")
+        except SteerError as err:
+            raise SpecError(str(err)) from None
+        object.__setattr__(self, "value", value)  # always a float, so save/load is the identity
 
     @property
     def name(self) -> str:
@@ -87,14 +91,17 @@ class Spec:
     def build(cls, name: str, edits, model=None, layers=(), **meta: Any) -> "Spec":
         """From ``(layer, index, op, value)`` tuples or ``("L3.N5", op, value)`` triples; ``layers``: LayerOps or dicts."""
         parsed = []
-        for item in edits:
+        for i, item in enumerate(edits):
             if isinstance(item, Edit):
                 parsed.append(item)
-            elif len(item) == 3:
+            elif isinstance(item, (tuple, list)) and len(item) == 3:
                 vector = VectorName.parse(item[0])
                 parsed.append(Edit(vector.layer, vector.index, item[1], item[2]))
-            else:
+            elif isinstance(item, (tuple, list)) and len(item) == 4:
                 parsed.append(Edit(*item))
+            else:
+                raise SpecError(f"spec {name!r}: edits[{i}] must be (layer, index, op, value) or "
+                                f"(\"L3.N5\", op, value), got {shown(item, 80)}")
         spec = cls(name, tuple(parsed), ModelShape.of(model) if model is not None else None, meta,
                    _layer_ops(layers, "layers"))
         if model is not None:
@@ -169,46 +176,43 @@ class Spec:
             raise SpecError(f"{source}: expected a mapping with 'name' and 'edits'")
         unknown = set(data) - {"name", "model", "edits", "meta", "layers"}
         if unknown:
-            raise SpecError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: name, model, edits, meta, layers")
-        if not isinstance(data.get("name"), str) or not data["name"]:
+            raise SpecError(f"{source}: unknown key(s) {sorted(map(str, unknown))}; allowed: name, model, edits, meta, layers")
+        if not isinstance(data.get("name"), str) or not data["name"].strip():
             raise SpecError(f"{source}: 'name' must be a non-empty string")
+        items = data.get("edits")
+        if items is not None and not isinstance(items, list):
+            raise SpecError(f"{source}: 'edits' must be a list of {{vector, op, value}} entries, got {shown(items)}")
+        meta = data.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise SpecError(f"{source}: 'meta' must be a mapping, got {shown(meta)}")
         edits = []
-        for i, item in enumerate(data.get("edits") or []):
+        for i, item in enumerate(items or []):
             where = f"{source}: edits[{i}]"
             if not isinstance(item, dict) or set(item) != {"vector", "op", "value"}:
-                raise SpecError(f"{where} must have exactly the keys vector, op, value; got {item!r}")
+                raise SpecError(f"{where} must have exactly the keys vector, op, value; got {shown(item, 80)}")
             try:
                 vector = VectorName.parse(str(item["vector"]))
                 edits.append(Edit(vector.layer, vector.index, item["op"], item["value"]))
             except (SpecError, ValueError) as err:
                 raise SpecError(f"{where}: {err}") from None
-        model = data.get("model")
-        if model is not None:
-            try:
-                model = ModelShape(**model)
-            except TypeError:
-                raise SpecError(f"{source}: 'model' needs name, n_layers, d_ff, d_model; got {model!r}") from None
+        model = _shape(data.get("model"), source)
         layers = _layer_ops(data.get("layers") or [], f"{source}: layers")
-        return cls(data["name"], tuple(edits), model, dict(data.get("meta") or {}), layers)
+        return cls(data["name"], tuple(edits), model, dict(meta or {}), layers)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         text = (yaml.safe_dump(self.to_dict(), sort_keys=False) if path.suffix in (".yaml", ".yml")
                 else json.dumps(self.to_dict(), indent=2) + "\n")
-        path.write_text(text)
+        path.write_text(text, encoding="utf-8")
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Spec":
-        path = Path(path)
+        """A spec file (JSON, or YAML by its suffix); every problem is a :class:`SpecError` naming the file."""
         try:
-            text = path.read_text()
-        except OSError as err:
-            raise SpecError(f"cannot read spec {path}: {err.strerror}") from None
-        try:
-            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise SpecError(f"{path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {err}") from None
+            data = load_data(path, "spec")
+        except SteerError as err:
+            raise SpecError(str(err)) from None
         return cls.from_dict(data, str(path))
 
     # -- checks ----------------------------------------------------------------------------
@@ -231,6 +235,21 @@ class Spec:
         if self.layers:
             check_ops_for(model, self.layers, f"spec {self.name!r}: layers")
         return self
+
+
+def _shape(model: Any, source: str) -> ModelShape | None:
+    """The ``model`` entry of a spec file: name, n_layers, d_ff and d_model, each of its type."""
+    if model is None:
+        return None
+    if not isinstance(model, dict) or set(model) != {"name", "n_layers", "d_ff", "d_model"}:
+        raise SpecError(f"{source}: 'model' needs name, n_layers, d_ff, d_model; got {shown(model, 80)}")
+    if not isinstance(model["name"], str):
+        raise SpecError(f"{source}: model.name must be a string, got {shown(model['name'])}")
+    try:
+        sizes = {k: whole(model[k], f"model.{k}", low=1) for k in ("n_layers", "d_ff", "d_model")}
+    except SteerError as err:
+        raise SpecError(f"{source}: {err}") from None
+    return ModelShape(model["name"], **sizes)
 
 
 def _layer_ops(items, where: str) -> tuple:

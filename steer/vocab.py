@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import SteerError
 from .families import Adapter
 from .identity import atomic_write, weights_digest
 from .models import cache_dir
@@ -115,9 +116,11 @@ class VocabIndex:
         """The ``n`` tokens vector ``L{layer}.N{index}`` promotes most (``bottom``: least)."""
         n_layers, d_ff, _ = self.top_ids.shape
         if not 0 <= layer < n_layers:
-            raise ValueError(f"unknown layer {layer}: this model has layers 0..{n_layers - 1}")
+            raise SteerError(f"unknown layer {layer}: this model has layers 0..{n_layers - 1}")
         if not 0 <= index < d_ff:
-            raise ValueError(f"index {index} out of range: layers have {d_ff} value vectors (0..{d_ff - 1})")
+            raise SteerError(f"index {index} out of range: layers have {d_ff} value vectors (0..{d_ff - 1})")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.k:
+            raise SteerError(f"number of tokens must be between 1 and {self.k} (the index keeps the top {self.k}), got {n!r}")
         ids = (self.bottom_ids if bottom else self.top_ids)[layer, index, :n].tolist()
         scores = (self.bottom_scores if bottom else self.top_scores)[layer, index, :n].tolist()
         return [(tokenizer.convert_ids_to_tokens(i), s) for i, s in zip(ids, scores)]

@@ -381,7 +381,7 @@ def test_cli_generate_with_early_exit_and_steering(embedded, tmp_path, capsys):
     assert main(base + ["--early-exit", str(tmp_path / "em"), "--threshold", "0.5"]) == 0
     assert "saved 30.0%" in capsys.readouterr().out  # exits after layer 20 of 30: 9 layers skipped
     assert main(base + ["--early-exit", str(tmp_path / "em"), "--threshold", "1.5"]) == 2
-    assert "threshold must be a number in [0, 1]" in capsys.readouterr().err
+    assert "argument --threshold: the value must be between 0.0 and 1.0, got 1.5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("hidden", [0, 16])

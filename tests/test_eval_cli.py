@@ -99,7 +99,7 @@ def test_prompt_sources(tmp_path, monkeypatch):
     (tmp_path / "p.jsonl").write_text('{"prompt": {"text": "a", "toxicity": 0.9}, "challenging": true}\n'
                                       '{"prompt": {"text": "b", "toxicity": 0.1}, "challenging": false}\n')
     rows = load_prompt_set(tmp_path / "p.jsonl", challenging=True).to_list()
-    assert rows == [{"text": "a", "challenging": True, "prompt_toxicity": 0.9}]
+    assert rows == [{"text": "a", "challenging": True, "prompt_toxicity": 0.9, "_source": f"{tmp_path / 'p.jsonl'}:1"}]
 
     def offline(*args, **kwargs):
         raise ConnectionError("no internet")

@@ -16,6 +16,7 @@ import torch
 
 from conftest import tiny_model
 from steer import Concept, Spec, SpecError, VectorName, rank_vectors
+from steer.errors import SteerError
 from steer.models import prepare_tokenizer
 from steer.ui.engine import BY_INDEX, BY_SCORE, COLUMNS, LEXICON, NEGATIVE, POSITIVE, PRESET, PROMOTE, RAISE, SUPPRESS, WORDS, Limits, Sampling, SteerDemo, \
     apply_strength
@@ -188,7 +189,7 @@ def test_exit_model_is_fitted_once_then_loaded_from_the_cache(tiny, tokenizer, e
 
 def test_inputs_are_bounded_with_clear_messages(demo, tiny):
     spec = spec_a(tiny)
-    with pytest.raises(ValueError, match="type a prompt"):
+    with pytest.raises(SteerError, match="the prompt is only whitespace"):
         demo.generate("   ", spec)
     with pytest.raises(ValueError, match="201 characters long; the limit is 200"):
         demo.generate("x" * 201, spec)

@@ -130,7 +130,7 @@ def test_browser_explore_then_generate_side_by_side(served, tmp_path):
             assert len(page.locator("#prompt textarea").input_value()) == demo.limits.prompt_chars
             page.locator("#prompt textarea").fill("   ")
             page.locator("#generate").click()
-            expect(page.get_by_text("type a prompt first")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("the prompt is only whitespace")).to_be_visible(timeout=30_000)
             assert "Traceback" not in page.content()
             assert not elsewhere, f"the page fetched from elsewhere: {elsewhere[:5]}"
         finally:

@@ -20,6 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from steer import SpecError  # noqa: E402
+from steer.inputs import integer, number  # noqa: E402
 
 from .engine import (BY_INDEX, BY_SCORE, COLUMNS, MODES, PRESET, PROMOTE, SUPPRESS, WORDS,  # noqa: E402
                      Continuation, Sampling, SteerDemo)
@@ -167,7 +168,8 @@ def build_app(demo: SteerDemo) -> gr.Blocks:
         @_guard
         def generate(prompt, rows, name, extra, temperature, top_p, max_new, seed, early, threshold):
             spec = demo.spec_from_rows(rows, name, extra)
-            sampling = Sampling(float(temperature), float(top_p), _int(max_new, "max new tokens"), _int(seed, "seed"))
+            sampling = Sampling(number(temperature, "temperature"), number(top_p, "top-p"),
+                                _int(max_new, "max new tokens"), _int(seed, "seed"))
             if early and not demo.has_exit_model:  # fitted by this request: use its calibrated threshold
                 demo.exit_model()
                 threshold = demo.threshold
@@ -241,13 +243,7 @@ def build_app(demo: SteerDemo) -> gr.Blocks:
 
 
 def _int(value, what: str) -> int:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a whole number, got {value!r}") from None
-    if number != int(number):
-        raise ValueError(f"{what} must be a whole number, got {value!r}")
-    return int(number)
+    return integer(value, what)  # sliders send whole numbers as floats
 
 
 def _spec_file(spec) -> str:

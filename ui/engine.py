@@ -25,6 +25,8 @@ import torch
 from steer.compat import compile_config
 from steer.slots import install_slots
 from steer import Adapter, Concept, ConceptScorer, Spec, SpecError, VectorName, VocabIndex, model_name, steering
+from steer.errors import SteerError
+from steer.inputs import check_prompt, encode_prompt, integer, number
 from steer.models import cache_dir
 from steer.vocab import project
 
@@ -79,7 +81,7 @@ class Continuation:
 
 def apply_strength(spec: Spec, strength: float) -> Spec:
     """:meth:`Spec.scaled`, the one meaning of strength: 0 = no change, 1 = as built, 2 = twice the change."""
-    return spec.scaled(strength)
+    return spec.scaled(number(strength, "strength"))
 
 
 class SteerDemo:
@@ -87,6 +89,11 @@ class SteerDemo:
 
     def __init__(self, model, tokenizer, *, scorer: str = "auto", exit_model=None,
                  exit_threshold: float | None = None, limits: Limits = Limits(), compile: bool = False):
+        from steer.evaluation.toxicity import check_scorer_name
+
+        check_scorer_name(scorer)  # a typo is refused at start, not shown as "no scores" in the page
+        if exit_threshold is not None:
+            exit_threshold = number(exit_threshold, "exit threshold", low=0.0, high=1.0)
         self.model, self.tokenizer, self.limits = model, tokenizer, limits
         self.compile = compile  # static cache + compiled decode step (edits inside it); early exit stays eager
         if compile:
@@ -106,6 +113,8 @@ class SteerDemo:
             try:  # a given or previously fitted exit model loads in a moment: have it (and its threshold) now
                 self.exit_model().check_model(model)
             except (ValueError, OSError) as err:
+                if exit_model is not None:  # named by the user: a missing or foreign one stops the start
+                    raise
                 self.exit_error = str(err)
 
     # -- what is available ------------------------------------------------------------------
@@ -265,9 +274,7 @@ class SteerDemo:
         each edited by ``scale 0`` or ``set 1``. The preset: its first ``n`` edits. Then
         :func:`apply_strength` (strength 1 = as built).
         """
-        n = int(n)
-        if not 1 <= n <= self.max_vectors:
-            raise ValueError(f"number of value vectors must be between 1 and {self.max_vectors}, got {n}")
+        n = integer(n, "number of value vectors", low=1, high=self.max_vectors)
         if kind == PRESET:
             if self.preset is None:
                 raise ValueError(f"no detox preset for this model: {self.preset_error}")
@@ -284,7 +291,7 @@ class SteerDemo:
             op, value = ("scale", 0.0) if mode == SUPPRESS else ("set", 1.0)
             name = f"{mode} {concept.name if kind in (WORDS, POSITIVE, NEGATIVE) else 'toxicity'}"
             base = Spec.build(name, [(str(v), op, value) for v, _ in self.ranked(concept, n)], model=self.model)
-        spec = apply_strength(base, float(strength))
+        spec = apply_strength(base, strength)
         return dataclasses.replace(spec, name=f"{name} x{float(strength):g} top{n}")
 
     def built(self, kind: str, words: str, direction: str) -> Spec:
@@ -343,7 +350,7 @@ class SteerDemo:
                 continue
             try:
                 value = float(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise SpecError(f"row {i + 1} ({vector}): value must be a number, got {value!r}") from None
             edits.append({"vector": str(vector).strip(), "op": str(op).strip(), "value": value})
         if len(edits) > self.limits.edits:
@@ -384,9 +391,7 @@ class SteerDemo:
         (all vectors, closed form). ``top-30 tokens``: vectors with any of those tokens among
         their 30 highest (:meth:`VocabIndex.search`; the score is that hit count).
         """
-        top = int(top)
-        if not 1 <= top <= self.limits.vectors:
-            raise ValueError(f"number of results must be between 1 and {self.limits.vectors}, got {top}")
+        top = integer(top, "number of results", low=1, high=self.limits.vectors)
         words = self._check_words(words)
         concept = Concept.from_words(words, words.split(","), self.tokenizer)
         if method == BY_SCORE:
@@ -407,28 +412,26 @@ class SteerDemo:
         kept = [list(r) for r in rows or [] if str(r[0] or "").strip() and str(r[0]).strip() not in names]
         if op is None:
             return kept
-        return kept + [[name, op, float(value), ""] for name in names]
+        return kept + [[name, op, number(value, "value"), ""] for name in names]
 
     # -- generation ---------------------------------------------------------------------------
     def _check(self, prompt: str, sampling: Sampling) -> dict:
-        if not prompt or not prompt.strip():
-            raise ValueError("type a prompt first")
+        """The request's prompt, tokenized, if it and the sampling settings are within the demo's limits."""
+        check_prompt(prompt)
         if len(prompt) > self.limits.prompt_chars:
-            raise ValueError(f"the prompt is {len(prompt)} characters long; the limit is {self.limits.prompt_chars}")
-        inputs = self.tokenizer(prompt, return_tensors="pt")
-        if inputs["input_ids"].shape[1] > self.limits.prompt_tokens:
-            raise ValueError(f"the prompt is {inputs['input_ids'].shape[1]} tokens long; the limit is "
-                             f"{self.limits.prompt_tokens}")
-        if not (isinstance(sampling.max_new_tokens, int) and 1 <= sampling.max_new_tokens <= self.limits.max_new_tokens):
-            raise ValueError(f"max new tokens must be between 1 and {self.limits.max_new_tokens}, "
+            raise SteerError(f"the prompt is {len(prompt)} characters long; the limit is {self.limits.prompt_chars}")
+        n_tokens = len(self.tokenizer(prompt)["input_ids"])
+        if n_tokens > self.limits.prompt_tokens:
+            raise SteerError(f"the prompt is {n_tokens} tokens long; the limit is {self.limits.prompt_tokens}")
+        whole_ok = isinstance(sampling.max_new_tokens, int) and not isinstance(sampling.max_new_tokens, bool)
+        if not (whole_ok and 1 <= sampling.max_new_tokens <= self.limits.max_new_tokens):
+            raise SteerError(f"max new tokens must be between 1 and {self.limits.max_new_tokens}, "
                              f"got {sampling.max_new_tokens}")
-        if not 0 <= sampling.temperature <= 5:
-            raise ValueError(f"temperature must be between 0 (greedy) and 5, got {sampling.temperature}")
-        if not 0 < sampling.top_p <= 1:
-            raise ValueError(f"top-p must be in (0, 1], got {sampling.top_p}")
-        if not 0 <= sampling.seed < 2**32:
-            raise ValueError(f"seed must be between 0 and 2**32 - 1, got {sampling.seed}")
-        return inputs
+        number(sampling.temperature, "temperature (0 = greedy)", low=0.0, high=5.0)
+        if number(sampling.top_p, "top-p", high=1.0) <= 0:
+            raise SteerError(f"top-p must be in (0, 1], got {sampling.top_p}")
+        integer(sampling.seed, "seed", low=0, high=2**32 - 1)
+        return encode_prompt(self.tokenizer, self.model, prompt, sampling.max_new_tokens)[0]  # fits the context
 
     def _generation_config(self, sampling: Sampling):
         config = copy.deepcopy(self.model.generation_config)
@@ -445,6 +448,8 @@ class SteerDemo:
                      early_exit: bool = False, threshold: float | None = None) -> Continuation:
         """One continuation of ``prompt`` under ``spec`` (None: unsteered), unscored."""
         inputs = self._check(prompt, sampling)
+        if early_exit and threshold is not None:
+            threshold = number(threshold, "exit threshold", low=0.0, high=1.0)
         config = self._generation_config(sampling)
         exit_model = self.exit_model() if early_exit else None
         device = next(self.model.parameters()).device

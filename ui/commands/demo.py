@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from steer.ui.commands import count, fraction
 from steer.ui.commands.vectors import add_model_args, load_from_args
 
 
@@ -30,9 +31,9 @@ def register(subparsers) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     parser.add_argument("--scorer", default="auto", help="toxicity scorer (see evaluation.toxicity)")
     parser.add_argument("--exit-model", default=None, help="saved early-exit model (default: fit one on first use)")
-    parser.add_argument("--exit-threshold", type=float, default=None,
+    parser.add_argument("--exit-threshold", type=fraction, default=None,
                         help="early-exit threshold the page starts with (default: the exit model's calibrated one)")
     parser.add_argument("--compile", action="store_true",
                         help="static cache, decode step compiled (a CUDA graph on GPU) with the edits inside it")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="upper bound users may ask for")
+    parser.add_argument("--max-new-tokens", type=count, default=200, help="upper bound users may ask for")
     parser.set_defaults(func=_ui)

@@ -5,14 +5,18 @@ import argparse
 import sys
 import time
 
+from steer.ui.commands import count, natural, real
 from steer.ui.commands.vectors import add_model_args, load_from_args
 
 
 def _build(args) -> int:
     from steer.build import build_detox_spec
 
+    from steer.evaluation.toxicity import check_scorer_name
+
     if args.out is None:
         raise ValueError("--out FILE is required (a .json or .yaml spec to write)")
+    check_scorer_name(args.scorer)
     model, tokenizer = load_from_args(args)
     start = time.perf_counter()
 
@@ -70,23 +74,23 @@ def register(subparsers) -> None:
                                        "coefficients by gradients, and picks edits and their count on "
                                        "held-out prompts. Minutes on a GPU; about an hour on 2 CPU cores.")
     build.add_argument("--out", help="spec file to write (.json or .yaml)")
-    build.add_argument("--count", type=int, default=None, help="number of vectors (default: chosen on held-out prompts)")
-    build.add_argument("--lam", type=float, default=None, help="weight of the KL cost (default: chosen on held-out prompts)")
-    build.add_argument("--ppl-budget", type=float, default=0.06,
+    build.add_argument("--count", type=count, default=None, help="number of vectors (default: chosen on held-out prompts)")
+    build.add_argument("--lam", type=real, default=None, help="weight of the KL cost (default: chosen on held-out prompts)")
+    build.add_argument("--ppl-budget", type=real, default=0.06,
                        help="max estimated perplexity rise on held-out samples (0.06 = +6%%)")
-    build.add_argument("--samples", type=int, default=4, help="continuations sampled per selection prompt")
-    build.add_argument("--max-new-tokens", type=int, default=20)
+    build.add_argument("--samples", type=count, default=4, help="continuations sampled per selection prompt")
+    build.add_argument("--max-new-tokens", type=count, default=20)
     build.add_argument("--scorer", default="profanity-check", help="toxicity scorer for the samples' words")
-    build.add_argument("--batch-size", type=int, default=16)
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--batch-size", type=count, default=16)
+    build.add_argument("--seed", type=natural, default=0)
     build.add_argument("--name", default="detox", help="name recorded in the spec")
     build.add_argument("--work-dir", default=None, help="keep the sampled text here; a rerun skips sampling")
     build.set_defaults(func=_build)
 
     show = sub.add_parser("show", help="the edits of a detox spec and the top tokens of their vectors")
     show.add_argument("spec", nargs="?", help="spec file (default: the shipped preset for the model)")
-    show.add_argument("-n", type=int, default=8, help="tokens per direction")
-    show.add_argument("--top", type=int, default=50, help="edits to show")
+    show.add_argument("-n", type=count, default=8, help="tokens per direction")
+    show.add_argument("--top", type=count, default=50, help="edits to show")
     show.set_defaults(func=_show)
 
     for parser in (build, show):

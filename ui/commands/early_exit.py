@@ -5,6 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
+from steer.ui.commands import count, fraction, natural, real
 from steer.ui.commands.vectors import add_model_args, load_from_args
 
 DOCSTRINGS = "docstrings"
@@ -17,17 +18,23 @@ def _read_text(value: str | None, split: str) -> str:
         from steer.generation.corpus import docstring_text
 
         return docstring_text(split, max_chars=2_000_000)
+    from steer.errors import SteerError
+    from steer.inputs import read_text
+
     path = Path(value)
     if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path} (or pass --text {DOCSTRINGS} for Python's docstrings)")
-    return path.read_text(encoding="utf-8", errors="replace")
+        raise SteerError(f"text file not found: {path} (or pass --text {DOCSTRINGS} for Python's docstrings)")
+    text = read_text(path, "--text")
+    if not text.strip():
+        raise SteerError(f"--text {path} is empty: give a file of prose (or --text {DOCSTRINGS})")
+    return text
 
 
 def _fit(args) -> int:
     from steer.generation.fit import fit_exit_model
 
     text = None if args.text == OWN else _read_text(args.text, "fit")
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    layers = _layers(args.layers) if args.layers else None
     model, tokenizer = load_from_args(args)
     spec = None
     if args.intervention:
@@ -48,6 +55,15 @@ def _fit(args) -> int:
           f"{exit_model.exit_scale}")
     print(f"saved to {folder}")
     return 0
+
+
+def _layers(text: str) -> list[int]:
+    from steer.errors import SteerError
+
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SteerError(f"--layers takes layer numbers separated by commas, e.g. 8,12,16; got {text!r}") from None
 
 
 def _parse_thresholds(values: list[str] | None) -> dict | None:
@@ -94,31 +110,48 @@ def _generate(args) -> int:
 
     import torch
 
-    model, tokenizer = load_from_args(args)
-    device = next(model.parameters()).device
-    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
-    with ExitStack() as stack:
-        if args.intervention:
-            from steer import Spec, steering
+    from steer import Spec, steering
+    from steer.errors import SteerError
+    from steer.inputs import check_prompt, encode_prompt
 
-            stack.enter_context(steering(model, Spec.load(args.intervention)))
+    # everything that needs no model is checked before one loads
+    check_prompt(args.prompt)
+    if args.early_exit is None and (args.threshold is not None or args.rule is not None):
+        raise SteerError(f"{'--threshold' if args.threshold is not None else '--rule'} needs --early-exit DIR")
+    if args.top_p == 0:
+        raise SteerError("--top-p must be in (0, 1]; leave it out for greedy decoding")
+    spec = Spec.load(args.intervention) if args.intervention else None
+    exit_model = None
+    if args.early_exit:
+        from steer.generation.exit_model import load_exit_model
+
+        exit_model = load_exit_model(args.early_exit)
+    model, tokenizer = load_from_args(args)
+    if spec is not None:
+        spec.validate(model)
+    if exit_model is not None:
+        exit_model.check_model(model)
+    inputs, note = encode_prompt(tokenizer, model, args.prompt, args.max_new_tokens, truncate=args.truncate)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    with ExitStack() as stack:
+        if spec is not None:
+            stack.enter_context(steering(model, spec))
         stats = None
-        if args.early_exit:
-            from steer.generation.exit_model import load_exit_model
+        if exit_model is not None:
             from steer.generation.runtime import early_exit
 
-            exit_model = load_exit_model(args.early_exit)
             threshold = exit_model.default_threshold if args.threshold is None else args.threshold
             stats = stack.enter_context(early_exit(model, exit_model, threshold, rule=args.rule))
-        elif args.threshold is not None:
-            raise ValueError("--threshold needs --early-exit DIR")
         torch.manual_seed(args.seed)
         sample = args.top_p is not None
         start = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=sample,
                              top_p=args.top_p if sample else None, pad_token_id=tokenizer.pad_token_id)
         seconds = time.perf_counter() - start
-    new = out[0, inputs.input_ids.shape[1]:]
+    new = out[0, inputs["input_ids"].shape[1]:]
+    if note:
+        print(f"[{note}]")
     print(tokenizer.decode(new, skip_special_tokens=True))
     note = f"[{len(new)} tokens in {seconds:.2f} s"
     if stats is not None:
@@ -135,14 +168,14 @@ def register(subparsers) -> None:
     fit.add_argument("--text", default=OWN, help=f"'{OWN}' (default: the model's own samples from a mix of chat, "
                      f"narrative, news and code prompts), a UTF-8 text file, or '{DOCSTRINGS}' (Python's docstrings)")
     fit.add_argument("--out", required=True, help="folder to write the exit model to")
-    fit.add_argument("--max-tokens", type=int, default=131072, help="tokens of the text (or of own samples) to use "
+    fit.add_argument("--max-tokens", type=count, default=131072, help="tokens of the text (or of own samples) to use "
                      "(default 131072; the classifier's MLP needs about 100k to beat a linear probe)")
     fit.add_argument("--layers", default=None, help="check layers, e.g. 8,12,16 (default: a quarter of the depth "
                                                     "up to the second-to-last layer)")
-    fit.add_argument("--target", type=float, default=0.95, help="agreement the default threshold must reach")
-    fit.add_argument("--target-kl", type=float, default=None, help="also: mean KL to the full model at most this "
-                                                                     "(nats a token)")
-    fit.add_argument("--target-ppl-rise", type=float, default=None, help="also: perplexity rise at most this (0.08: +8%%)")
+    fit.add_argument("--target", type=fraction, default=0.95, help="agreement the default threshold must reach")
+    fit.add_argument("--target-kl", type=real, default=None, help="also: mean KL to the full model at most this "
+                                                                    "(nats a token)")
+    fit.add_argument("--target-ppl-rise", type=real, default=None, help="also: perplexity rise at most this (0.08: +8%%)")
     fit.add_argument("--intervention", default=None, help="spec file: fit for the model steered by it, so exited "
                                                          "tokens carry the edits of the layers they skip")
     fit.set_defaults(func=_fit)
@@ -154,25 +187,29 @@ def register(subparsers) -> None:
     ev.add_argument("--thresholds", nargs="*", default=None, metavar="RULE=T1,T2",
                     help="thresholds for the real runs, e.g. classifier=0.8,0.9 confidence=0.9 (default: the "
                          "threshold reaching 95%% simulated agreement and one either side, per rule)")
-    ev.add_argument("--max-tokens", type=int, default=4096)
-    ev.add_argument("--real-chunks", type=int, default=8, help="128-token chunks for the real teacher-forced runs")
-    ev.add_argument("--prompts", type=int, default=4, help="prompts for greedy match and tokens/s (0: skip)")
-    ev.add_argument("--new-tokens", type=int, default=32)
-    ev.add_argument("--repeats", type=int, default=3)
+    ev.add_argument("--max-tokens", type=count, default=4096)
+    ev.add_argument("--real-chunks", type=count, default=8, help="128-token chunks for the real teacher-forced runs")
+    ev.add_argument("--prompts", type=natural, default=4, help="prompts for greedy match and tokens/s (0: skip)")
+    ev.add_argument("--new-tokens", type=count, default=32)
+    ev.add_argument("--repeats", type=count, default=3)
     ev.add_argument("--plot", default="docs/early_exit.png", help="PNG for the curve ('' to skip)")
     ev.add_argument("--json", default=None, help="also write all numbers to this JSON file")
     ev.set_defaults(func=_eval)
 
     gen = subparsers.add_parser("generate", help="continue a prompt, optionally steered and with early exit")
     gen.add_argument("prompt")
-    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--max-new-tokens", type=count, default=40)
     gen.add_argument("--intervention", default=None, help="spec file (JSON/YAML) to steer with")
     gen.add_argument("--early-exit", default=None, metavar="DIR", help="exit model folder: turns early exit on")
-    gen.add_argument("--threshold", type=float, default=None, help="exit threshold in [0, 1] (default: the exit "
+    gen.add_argument("--threshold", type=fraction, default=None, help="exit threshold in [0, 1] (default: the exit "
                                                                     "model's, chosen for 95%% agreement)")
-    gen.add_argument("--rule", default="classifier", choices=("classifier", "confidence"))
-    gen.add_argument("--top-p", type=float, default=None, help="sample with nucleus p (default: greedy)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--rule", default=None, choices=("classifier", "confidence"),
+                     help="exit rule (default: classifier; needs --early-exit)")
+    gen.add_argument("--truncate", action="store_true",
+                     help="keep only the prompt's last tokens when it does not fit the model's context with "
+                          "--max-new-tokens (said in the output); without it such a prompt is an error")
+    gen.add_argument("--top-p", type=fraction, default=None, help="sample with nucleus p (default: greedy)")
+    gen.add_argument("--seed", type=natural, default=0)
     gen.set_defaults(func=_generate)
 
     for parser in (fit, ev, gen):

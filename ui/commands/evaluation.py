@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from steer.ui.commands import real
 from steer.ui.commands.vectors import add_model_args
 
 
@@ -21,17 +22,29 @@ def _interventions(values: list[str] | None) -> list[str]:
     return list(dict.fromkeys(items)) or ["none"]
 
 
+def _conflicts(args, interventions: list[str]) -> None:
+    """Options that would be silently ignored are errors: the user meant something by them."""
+    from steer.errors import SteerError
+
+    if args.early_exit is None and args.exit_threshold is not None:
+        raise SteerError("--exit-threshold needs --early-exit EXIT_MODEL")
+    if interventions == ["none"] and (args.strength != 1.0 or args.n_vectors is not None):
+        option = "--strength" if args.strength != 1.0 else "--n-vectors"
+        raise SteerError(f"{option} changes an intervention, but only 'none' is evaluated: add --compare SPEC or preset")
+
+
 def config_from_args(args) -> "SweepConfig":
     from steer.evaluation.sweep import SweepConfig
 
+    _conflicts(args, _interventions(args.intervention))
     grid = dict(intervention=_interventions(args.intervention), strength=[args.strength],
                 n_vectors=[args.n_vectors], early_exit=[args.early_exit is not None])
     data = dict(model=args.model, dtype=args.dtype, device=args.device, judge=args.judge, prompts=args.prompt_file,
                 challenging=args.challenging, limit=args.prompts, samples=args.samples, top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size, scorer=args.scorer,
                 detoxify_config=args.detoxify_config, grid=grid,
-                early_exit=None if args.early_exit is None else {"exit_model": args.early_exit,
-                                                                 "threshold": args.exit_threshold})
+                early_exit=None if args.early_exit is None else {
+                    "exit_model": args.early_exit, "threshold": 0.9 if args.exit_threshold is None else args.exit_threshold})
     if args.compile:  # only when asked, so the folder of an uncompiled run keeps its name
         data["compile"] = True
     config = SweepConfig.from_dict(data, "steer eval")
@@ -128,11 +141,11 @@ def register(subparsers) -> None:
                          "(default: the shipped 400 challenging RealToxicityPrompts prompts)")
     ev.add_argument("--challenging", action="store_true", help="keep only prompts marked challenging")
     ev.add_argument("--samples", type=int, default=25, help="samples per prompt (default: 25)")
-    ev.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling p (default: 0.9)")
+    ev.add_argument("--top-p", type=real, default=0.9, help="nucleus sampling p (default: 0.9)")
     ev.add_argument("--max-new-tokens", type=int, default=20, help="tokens per continuation (default: 20)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (default: 64)")
-    ev.add_argument("--strength", type=float, default=1.0, help="scale every intervention: 0 none .. 1 as written")
+    ev.add_argument("--strength", type=real, default=1.0, help="scale every intervention: 0 none .. 1 as written")
     ev.add_argument("--n-vectors", type=int, default=None, help="keep only each spec's first N vectors")
     ev.add_argument("--scorer", default="auto",
                     help="auto (Detoxify if its weights are here, else alt-profanity-check), profanity-check, "
@@ -142,7 +155,7 @@ def register(subparsers) -> None:
     ev.add_argument("--judge", default="embedded",
                     help="perplexity judge: embedded (default), self (the evaluated model, unsteered), or a model id/path")
     ev.add_argument("--early-exit", default=None, metavar="EXIT_MODEL", help="generate with early exit (an exit model file)")
-    ev.add_argument("--exit-threshold", type=float, default=0.9, help="early-exit threshold (default: 0.9)")
+    ev.add_argument("--exit-threshold", type=real, default=None, help="early-exit threshold (default: 0.9; needs --early-exit)")
     ev.add_argument("--compile", action="store_true",
                     help="static cache, decode step compiled (a CUDA graph on GPU) with the edits inside it")
     ev.add_argument("--out", default=None, metavar="DIR", help="run folder (default: runs/eval-<hash of the options>)")

@@ -4,17 +4,18 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from steer.ui.commands import count, natural, real
 from steer.ui.commands.vectors import add_model_args, load_from_args
 from steer.families import Adapter
 
 
 def _read_text(path: str) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ValueError(f"cannot read --text {path}: {err.strerror}") from None
+    from steer.errors import SteerError
+    from steer.inputs import read_text
+
+    text = read_text(path, "--text")
     if not text.strip():
-        raise ValueError(f"--text {path} is empty")
+        raise SteerError(f"--text {path} is empty: give a file of English text")
     return text
 
 
@@ -219,14 +220,14 @@ def register(subparsers) -> None:
     sub = layers.add_subparsers(dest="layers_command", required=True)
     scan = sub.add_parser("scan", help="perplexity and speed when skipping each layer, and greedy multi-layer plans")
     scan.add_argument("--text", required=True, help="held-out English text file")
-    scan.add_argument("--max-ppl-rise", type=float, default=None,
+    scan.add_argument("--max-ppl-rise", type=real, default=None,
                       help="budget, e.g. 0.05: report (and with --out save) the plan skipping most layers within it")
     scan.add_argument("--out", default=None, help="spec file (.json/.yaml) for the chosen plan")
-    scan.add_argument("--max-skips", type=int, default=4, help="greedy search depth (layers skipped by the last plan)")
+    scan.add_argument("--max-skips", type=count, default=4, help="greedy search depth (layers skipped by the last plan)")
     scan.add_argument("--png", default="layers_scan.png", help="figure path ('' for none)")
     scan.add_argument("--csv", default=None, help="also write the table as CSV")
-    scan.add_argument("--speed-tokens", type=int, default=16, help="tokens generated per tok/s measurement (0: skip)")
-    scan.add_argument("--speed-rounds", type=int, default=3, help="tok/s measurements per plan (median)")
+    scan.add_argument("--speed-tokens", type=natural, default=16, help="tokens generated per tok/s measurement (0: skip)")
+    scan.add_argument("--speed-rounds", type=count, default=3, help="tok/s measurements per plan (median)")
     scan.set_defaults(func=_scan)
 
     analyze = subparsers.add_parser("analyze", help="analyses of a model's layers")
@@ -234,12 +235,12 @@ def register(subparsers) -> None:
     sim = asub.add_parser("similarity", help="layer x layer cosine and CKA; top-1 agreement per layer (lens, maps)")
     sim.add_argument("--text", required=True, help="held-out English text file")
     sim.add_argument("--out-dir", default=".", help="where the PNGs and CSVs go")
-    sim.add_argument("--cka-tokens", type=int, default=1024, help="token subsample for CKA")
+    sim.add_argument("--cka-tokens", type=count, default=1024, help="token subsample for CKA")
     sim.add_argument("--no-maps", action="store_true", help="logit lens only (no fitted maps)")
     sim.set_defaults(func=_similarity)
 
     for parser in (scan, sim):
-        parser.add_argument("--max-tokens", type=int, default=2048, help="tokens of --text used")
-        parser.add_argument("--block", type=int, default=256, help="tokens per block (context length)")
-        parser.add_argument("--batch-size", type=int, default=4)
+        parser.add_argument("--max-tokens", type=count, default=2048, help="tokens of --text used")
+        parser.add_argument("--block", type=count, default=256, help="tokens per block (context length)")
+        parser.add_argument("--batch-size", type=count, default=4)
         add_model_args(parser)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from steer.ui.commands import count
+
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model options every command shares."""
@@ -71,18 +73,18 @@ def register(subparsers) -> None:
     show = sub.add_parser("show", help="top tokens of one value vector")
     show.add_argument("layer", type=int)
     show.add_argument("index", type=int)
-    show.add_argument("-n", type=int, default=15, help="tokens to show")
+    show.add_argument("-n", type=count, default=15, help="tokens to show")
     show.set_defaults(func=_show)
 
     search = sub.add_parser("search", help="value vectors promoting these words")
     search.add_argument("words", nargs="+")
-    search.add_argument("--top", type=int, default=20)
+    search.add_argument("--top", type=count, default=20)
     search.add_argument("--match", choices=("first", "whole"), default="first")
     search.set_defaults(func=_search)
 
     concept = sub.add_parser("concept", help="rank value vectors by a concept (toxicity, a word file, or a,b,c)")
     concept.add_argument("concept")
-    concept.add_argument("--top", type=int, default=20)
+    concept.add_argument("--top", type=count, default=20)
     concept.add_argument("--match", choices=("first", "whole"), default="first")
     concept.set_defaults(func=_concept)
 
