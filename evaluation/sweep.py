@@ -155,9 +155,17 @@ def _no_unknown(data: dict, allowed, where: str) -> None:
 # -- spec transforms ----------------------------------------------------------------------------
 
 def first_vectors(spec: Spec, n: int) -> Spec:
-from steer.errors import MissingFileError, ModelLoadError, SteerError
-from steer.inputs import load_data, number, whole
-from steer.spec import Edit, Spec
+    """:meth:`Spec.first` with the sweep's own wording: the first ``n`` distinct vectors."""
+    n = whole(n, "n_vectors", low=1)
+    vectors = len({(e.layer, e.index) for e in spec.edits})
+    if n > vectors:
+        raise SteerError(f"spec {spec.name!r} has {vectors} vectors; n_vectors {n} is more than that")
+    return spec.first(n)
+
+
+def with_strength(spec: Spec, strength: float) -> Spec:
+    """:meth:`Spec.scaled`: 0 = no edit, 1 = the spec as written, interpolating each coefficient map."""
+    return spec.scaled(number(strength, "strength"))
 
 
 # -- grid ---------------------------------------------------------------------------------------

@@ -118,8 +118,8 @@ class Spec:
         ``a -> (1-s)*a + s*(a*m + c)``, one ``scale`` and (when ``c != 0``) one ``add``. This is the
         one meaning of "strength" everywhere (sweeps, benchmarks, CLI, demo); layer ops are kept.
         """
-        if not math.isfinite(strength):
-            raise SpecError(f"strength must be finite, got {strength!r}")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise SpecError(f"strength must be a finite number, got {strength!r}")
         if strength == 1:
             return self
         edits = []
@@ -132,8 +132,8 @@ class Spec:
     def first(self, n: int) -> "Spec":
         """The edits of the first ``n`` distinct vectors (builders list vectors best first)."""
         order = list(dict.fromkeys((e.layer, e.index) for e in self.edits))
-        if not isinstance(n, int) or n < 1 or n > len(order):
-            raise ValueError(f"spec {self.name!r} has {len(order)} vectors; cannot keep the first {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n > len(order):
+            raise SpecError(f"spec {self.name!r} has {len(order)} vectors; cannot keep the first {n!r}")
         keep = set(order[:n])
         return self.with_edits([e for e in self.edits if (e.layer, e.index) in keep])
 
