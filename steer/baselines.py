@@ -20,6 +20,7 @@ import torch
 from transformers import LogitsProcessor
 
 from .families import Adapter
+from .hooks import hooks
 from .models import position_ids
 from .steering import HookedProcessor
 
@@ -56,11 +57,8 @@ def activation_addition(model: torch.nn.Module, layer: int, vector: torch.Tensor
         hidden = hidden + delta[key]
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
-    handle = adapter.layers[layer].register_forward_hook(hook)
-    try:
+    with hooks((adapter.layers[layer], "post", hook)):
         yield
-    finally:
-        handle.remove()
 
 
 class ActAddProcessor(HookedProcessor):
@@ -91,14 +89,12 @@ def last_token_states(model, tokenizer, texts: Sequence[str], layers: Sequence[i
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    handles = [adapter.layers[layer].register_forward_hook(hook(layer)) for layer in layers]
     try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
-            model(**enc, position_ids=position_ids(enc["attention_mask"]), logits_to_keep=1)
+        with hooks(*[(adapter.layers[layer], "post", hook(layer)) for layer in layers]):
+            for start in range(0, len(texts), batch_size):
+                enc = tokenizer(list(texts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
+                model(**enc, position_ids=position_ids(enc["attention_mask"]), logits_to_keep=1)
     finally:
-        for handle in handles:
-            handle.remove()
         tokenizer.padding_side = side
     return {layer: torch.cat(rows) for layer, rows in caught.items()}
 

@@ -63,6 +63,8 @@ CONTEXTS = {
     "layer_scan.recording": lambda m: __import__("steer.layer_scan", fromlist=["recording"]).recording(
         Adapter(m).layers, [None] * 2),
     "LogProbRecorder": _log_probs,
+    "activation_addition": lambda m: __import__("steer.baselines", fromlist=["activation_addition"]).activation_addition(
+        m, 0, torch.ones(32), 2.0),
 }
 
 

@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import torch
 
 from steer.families import Adapter
+from steer.hooks import hooks
 from steer.models import position_ids
 from steer.presets import fingerprint
 from steer.spec import Spec
@@ -255,42 +256,41 @@ def attribute(model, samples: list[Sample], batch_size: int = 16, quantile: floa
     for p in model.parameters():
         p.requires_grad_(False)  # gradients of activations only: half the cost of a full backward
     embed = model.get_input_embeddings()
-    handles = [embed.register_forward_hook(lambda m, a, out: out.requires_grad_())]
-    handles += [adapter.ffn_out(layer).register_forward_pre_hook(capture(layer)) for layer in range(n_layers)]
+    entries = [(embed, "post", lambda m, a, out: out.requires_grad_())]
+    entries += [(adapter.ffn_out(layer), "pre", capture(layer)) for layer in range(n_layers)]
     done = 0
     try:
-        for chunk, input_ids, mask, cont, toxic, weight, own in _batches(ordered, batch_size):
-            input_ids, mask, cont, toxic, weight = (t.to(device) for t in (input_ids, mask, cont, toxic, weight))
-            captured.clear()
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
-            logp = _token_logp(logits, input_ids)
-            real = mask.bool()[..., None]
-            has_toxic = bool(toxic.any())
-            if has_toxic:
-                (logp * toxic * weight[:, None].to(logp.dtype)).sum().backward(retain_graph=bool(own.any()))
+        with hooks(*entries):
+            for chunk, input_ids, mask, cont, toxic, weight, own in _batches(ordered, batch_size):
+                input_ids, mask, cont, toxic, weight = (t.to(device) for t in (input_ids, mask, cont, toxic, weight))
+                captured.clear()
+                logits = model(input_ids=input_ids, attention_mask=mask).logits
+                logp = _token_logp(logits, input_ids)
+                real = mask.bool()[..., None]
+                has_toxic = bool(toxic.any())
+                if has_toxic:
+                    (logp * toxic * weight[:, None].to(logp.dtype)).sum().backward(retain_graph=bool(own.any()))
+                    for layer, a in captured.items():
+                        g = (a.grad.double() * real)
+                        stats["tox_g"][layer] += g.sum((0, 1)).cpu()
+                        stats["tox_ga"][layer] += (g * a.detach().double()).sum((0, 1)).cpu()
+                        a.grad = None
+                if not own.any():  # forced continuations only: no KL statistics
+                    continue
+                (logp * cont).sum().backward()
+                rows = own.to(device)
+                real = (mask.bool() & rows[:, None])[..., None]
                 for layer, a in captured.items():
-                    g = (a.grad.double() * real)
-                    stats["tox_g"][layer] += g.sum((0, 1)).cpu()
-                    stats["tox_ga"][layer] += (g * a.detach().double()).sum((0, 1)).cpu()
-                    a.grad = None
-            if not own.any():  # forced continuations only: no KL statistics
-                continue
-            (logp * cont).sum().backward()
-            rows = own.to(device)
-            real = (mask.bool() & rows[:, None])[..., None]
-            for layer, a in captured.items():
-                g = a.grad.double() * real
-                big_g = g.sum(1)
-                big_h = (g * a.detach().double()).sum(1)
-                stats["gg"][layer] += (big_g * big_g).sum(0).cpu()
-                stats["gh"][layer] += (big_g * big_h).sum(0).cpu()
-                stats["hh"][layer] += (big_h * big_h).sum(0).cpu()
-                values = a.detach()[mask.bool() & rows[:, None]].float().cpu()
-                pick = torch.rand(values.shape[0], generator=generator) < keep_share
-                kept[layer].append(values[pick].half())
+                    g = a.grad.double() * real
+                    big_g = g.sum(1)
+                    big_h = (g * a.detach().double()).sum(1)
+                    stats["gg"][layer] += (big_g * big_g).sum(0).cpu()
+                    stats["gh"][layer] += (big_g * big_h).sum(0).cpu()
+                    stats["hh"][layer] += (big_h * big_h).sum(0).cpu()
+                    values = a.detach()[mask.bool() & rows[:, None]].float().cpu()
+                    pick = torch.rand(values.shape[0], generator=generator) < keep_share
+                    kept[layer].append(values[pick].half())
     finally:
-        for handle in handles:
-            handle.remove()
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)
         captured.clear()
