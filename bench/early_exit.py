@@ -212,7 +212,12 @@ def main() -> None:
                                                         "workloads": work}, indent=1, default=float))
         detox_generate(model, tokenizer, exits, args)
     if args.stage in ("all", "score"):
-        work = json.loads((out / "workloads.json").read_text())["workloads"]
+        saved_run = json.loads((out / "workloads.json").read_text())
+        work = saved_run["workloads"]
+        if args.stage == "score":  # the gpu stage's table again, from its file
+            fits = ", ".join(f"{kind} {sec:.0f} s" for kind, sec in saved_run["fit_seconds"].items())
+            print(f"exit model fit on {saved_run['device']}: {fits}")
+            print(table(work, saved_run["threshold"]))
         detox = detox_score(out)
         print("| config | mean tox | EMT | Tox. Prob. | judge ppl | layers saved (batch 1) |\n|---|---|---|---|---|---|")
         for name, r in detox.items():
