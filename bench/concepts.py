@@ -358,6 +358,16 @@ def score(args) -> dict:
     return dict(report=report, compose=compose)
 
 
+def missing_families(summaries: list[dict]) -> list[str]:
+    """Steering families with no run for a concept (a generate stage stopped before reaching them)."""
+    return [f for f in FAMILIES[1:] if not any(s["method"] == f for s in summaries)]
+
+
+def complete_topics(report: dict) -> dict[str, list[dict]]:
+    """The topics every family ran on: only these enter the RESULT line's topic averages."""
+    return {c: s for c, s in report.get("topic", {}).items() if not missing_families(s)}
+
+
 def result_line(report: dict) -> str:
     def pick(summaries, families):
         best = best_by_family(summaries)
@@ -370,7 +380,7 @@ def result_line(report: dict) -> str:
         if concept in sent:
             values[f"{key}_ffn"] = pick(sent[concept], [OURS])
             values[f"{key}_best_baseline"] = pick(sent[concept], BASELINES)
-    topic = report.get("topic", {})
+    topic = complete_topics(report)  # an incomplete topic would compare the FFN against baselines on other topics
     if topic:
         values["topic_ffn"] = sum(pick(s, [OURS]) for s in topic.values()) / len(topic)
         values["topic_best_baseline"] = sum(pick(s, BASELINES) for s in topic.values()) / len(topic)
@@ -400,13 +410,29 @@ def write_docs(args, scored: dict, line: str) -> None:
         parts.append(f"## {title}\n\n![{task} Pareto plot](concepts_{task}.png)\n")
         plot(report[task], docs / f"concepts_{task}.png", f"{title}: success against judge perplexity "
                                                                "(dashed: +10% over unsteered)")
+        if task == "topic":
+            done = list(complete_topics(report))
+            partial = {c: missing_families(s) for c, s in report[task].items() if c not in done}
+            absent = [f"topic:{t}" for t in FULL.topics if f"topic:{t}" not in report[task]]
+            parts.append(f"Topics in the RESULT line's averages (every family ran): {', '.join(done) or 'none'}."
+                         + "".join(f" **{c}: incomplete** (no runs of {', '.join(m)}: its generate stage stopped "
+                                   "early), shown below but left out of the averages." for c, m in partial.items())
+                         + (f" **Not generated: {', '.join(absent)}.**" if absent else "") + "\n")
         for concept, summaries in report[task].items():
             best = best_by_family(summaries)
             ours = best[OURS]["success"] if best[OURS] else float("nan")
             rivals = {f: best[f]["success"] for f in BASELINES if best[f]}
             winner = max(rivals, key=rivals.get) if rivals else None
-            verdict = ("FFN (builder) matches or beats every baseline" if winner is None or ours >= rivals[winner]
-                       else f"baseline {winner} wins ({rivals[winner]:.3f} against {ours:.3f} for the FFN builder)")
+            missing = missing_families(summaries)
+            if OURS in missing:
+                verdict = (f"incomplete: no {OURS} runs (generation stopped early), so no comparison; "
+                           "left out of the RESULT line")
+            elif winner is None or ours >= rivals[winner]:
+                verdict = "FFN (builder) matches or beats every baseline"
+            else:
+                verdict = f"baseline {winner} wins ({rivals[winner]:.3f} against {ours:.3f} for the FFN builder)"
+            if missing and OURS not in missing:
+                verdict += f" (incomplete: no runs of {', '.join(missing)}; left out of the RESULT line)"
             parts.append(f"### {concept}: judged by {summaries[0]['judge']}\n\nBest success at <= +10% perplexity: "
                          + ", ".join(f"{f} {best[f]['success']:.3f} (at {best[f]['strength']:g})" if best[f] else f"{f} -"
                                      for f in FAMILIES[1:]) + f". **{verdict}.**\n")
@@ -470,7 +496,9 @@ def main() -> None:
         write_docs(args, scored, line)
     for task, concepts in scored["report"].items():
         for concept, summaries in concepts.items():
-            print(f"\n{concept} ({summaries[0]['judge']})")
+            missing = missing_families(summaries)
+            print(f"\n{concept} ({summaries[0]['judge']})"
+                  + (f": INCOMPLETE, no runs of {', '.join(missing)}; left out of the RESULT line" if missing else ""))
             from steer.evaluation.steer_eval import markdown_table
 
             print(markdown_table(summaries, summaries[0]["perplexity"], base_distinct=summaries[0]["distinct_2"]))

@@ -16,6 +16,7 @@ An optional ``layers`` list holds layer ops (skip, reorder, parallel, repeat; se
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
