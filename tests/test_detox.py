@@ -119,8 +119,20 @@ def test_build_on_tiny_model_end_to_end(tmp_path):
     path = spec.save(tmp_path / "detox.json")
     again = Spec.load(path)
     assert again == spec and again.meta == json.loads(json.dumps(spec.meta))
-    with steering(model, again), torch.no_grad():
-        model(torch.tensor([[5, 6, 7]]))
+    # it lowers what it targets: next-token mass on "toxic" (e-containing) tokens after the toxic prompts
+    marked = torch.tensor(["e" in tokenizer.decode([i]) for i in range(len(tokenizer))])
+    enc = tokenizer([p[0] for p in toxic], return_tensors="pt", padding=True)
+
+    def toxic_mass() -> float:
+        with torch.no_grad():
+            probs = model(**enc).logits[:, -1].softmax(-1)
+        return float(probs[:, marked].sum(-1).mean())
+
+    before = toxic_mass()
+    with steering(model, again):
+        after = toxic_mass()
+    assert after < before, (before, after)
+    assert tokenizer.padding_side == "left"  # the last column is every prompt's end
     with pytest.raises(ValueError, match="no shipped detox preset fits"):
         preset_for(model)
 
