@@ -149,7 +149,8 @@ class SweepConfig:
 def _no_unknown(data: dict, allowed, where: str) -> None:
     unknown = sorted(set(map(str, data)) - set(allowed))
     if unknown:
-        raise SteerError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        shown = ", ".join(k if k.isprintable() else repr(k) for k in unknown)  # one line, whatever the key
+        raise SteerError(f"{where}: unknown key(s) {shown}; allowed: {', '.join(allowed)}")
 
 
 # -- spec transforms ----------------------------------------------------------------------------

@@ -66,6 +66,7 @@ def test_bad_options_are_clear_errors(tmp_path, capsys):
 @pytest.mark.parametrize("config, message", [
     ({"sample": 5}, "unknown key(s) sample; allowed: model"),
     ({"grid": {"strenght": [1.0]}}, "grid: unknown key(s) strenght"),
+    ({"\n": None}, "unknown key(s) '\\n'; allowed"),  # found by Hypothesis: the message stays one line
     ({"grid": {"early_exit": [True]}}, "grid.early_exit has true but no 'early_exit"),
     ({"samples": 0}, "'samples' must be a whole number >= 1"),
     ({"grid": {"n_vectors": ["ten"]}}, "grid.n_vectors entries must be"),
