@@ -60,7 +60,7 @@ def workload_samples(model, tokenizer, name: str, n: int, new_tokens: int, batch
 def measure(model, tokenizer, exit_model, args) -> dict:
     from steer import Adapter
     from steer.generation.corpus import docstring_text
-    from steer.generation.evaluate import prepare, simulated_curves, teacher_forced, threshold_for
+    from steer.evaluation.early_exit import prepare, simulated_curves, teacher_forced, threshold_for
 
     n_layers = Adapter(model).n_layers
     threshold = exit_model.default_threshold

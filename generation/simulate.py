@@ -2,7 +2,7 @@
 
 Given, for N tokens and the check layers, whether the mapped top-1 equals the full model's
 (``correct``) and each rule's score, these compute where every token would exit and what that
-saves. This is how curves over many thresholds are drawn cheaply; :mod:`generation.evaluate`
+saves. This is how curves over many thresholds are drawn cheaply; :mod:`steer.evaluation.early_exit`
 also runs the real thing (KV propagation included) at a few thresholds.
 """
 from __future__ import annotations

@@ -85,7 +85,7 @@ def _parse_thresholds(values: list[str] | None) -> dict | None:
 
 
 def _eval(args) -> int:
-    from steer.generation.evaluate import evaluate, plot
+    from steer.evaluation.early_exit import evaluate, plot
     from steer.generation.exit_model import load_exit_model
 
     thresholds = _parse_thresholds(args.thresholds)

@@ -26,12 +26,12 @@ import torch
 
 from steer import Adapter
 
-from .corpus import token_chunks
-from .exit_model import ExitModel
-from .calibrate import TokenStats
-from .fit import THRESHOLDS, Records, mapped_stats, record
-from .runtime import early_exit
-from .simulate import classifier_exits, confidence_exits, distribution_outcome, oracle_exits, outcome, saved_at
+from steer.generation.corpus import token_chunks
+from steer.generation.exit_model import ExitModel
+from steer.generation.calibrate import TokenStats
+from steer.generation.fit import THRESHOLDS, Records, mapped_stats, record
+from steer.generation.runtime import early_exit
+from steer.generation.simulate import classifier_exits, confidence_exits, distribution_outcome, oracle_exits, outcome, saved_at
 
 
 @dataclass
