@@ -111,11 +111,12 @@ def steering(model: torch.nn.Module, specs: Specs) -> Iterator[dict[int, LayerEd
     A model with steering slots (``steer.slots``: compiled or compiling models get them) is
     steered through the slots, inside its compiled graph; any other through eager pre-hooks.
     """
-    model = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps the module
+    wrapped = hasattr(model, "_orig_mod")  # torch.compile(model) wraps the module: calls to it run compiled
+    model = getattr(model, "_orig_mod", model)
     compiled = compile_specs(model, specs)
     ops = shared_ops(specs)
     slots = slots_of(model)
-    if slots is None and is_compiled(model):
+    if slots is None and (wrapped or is_compiled(model)):
         slots = install_slots(model)
     if slots is not None:
         if ops:

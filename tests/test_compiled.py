@@ -187,3 +187,27 @@ def test_run_eval_compiled_gives_the_uncompiled_numbers(monkeypatch):
             assert compiled[key] == pytest.approx(eager[key], rel=1e-5, nan_ok=True), key
         assert eager["perplexity"] == eager["perplexity"]  # a number, not NaN
     assert "_compiled_call" in lm.__dict__ and slots_of(lm) is not None
+
+
+def test_a_forward_the_user_compiled_is_steered_on_every_step(model):
+    """The shape seen on the embedded model: ``model.forward = torch.compile(model.forward)``, one
+    plain generate, then steering (context manager and processor) must reach every token."""
+    model.forward = torch.compile(model.forward, backend="eager", fullgraph=False)
+    plain = generate(model, compiled=False)
+    spec, top = forcing(model, 1, 9)
+    with steering(model, spec):
+        assert (generate(model, compiled=False) == top).all()
+    assert (generate(model, compiled=False, logits_processor=[SteeringProcessor(model, spec)]) == top).all()
+    assert torch.equal(generate(model, compiled=False), plain)
+
+
+def test_a_module_wrapped_by_torch_compile_is_steered_through_its_wrapper(model):
+    """``opt = torch.compile(model)``; steering ``opt`` reaches every call of ``opt``."""
+    opt = torch.compile(model, backend="eager")
+    ids = PROMPT[:1]
+    reference = opt(ids).logits  # traced and cached without any hook
+    spec, top = forcing(model, 1, 9)
+    with steering(opt, spec):
+        steered = opt(ids).logits
+    assert int(steered[0, -1].argmax()) == top and not torch.equal(steered, reference)
+    torch.testing.assert_close(opt(ids).logits, reference)
