@@ -1,10 +1,16 @@
 """Builders: value-vector edits chosen by their measured effect on the model's own text.
 
-One code path (:mod:`.builder`) for every target; :mod:`.detox` (toxicity down, the shipped
-preset) and :mod:`.concept` (any concept, up or down) are its instances.
+One code path (:mod:`.builder`, the pipeline) for every target, one module an idea under it:
+:mod:`.samples` (the model's own samples and forced words), :mod:`.attribution` (first-order
+effect of every coefficient), :mod:`.edits` (choosing each vector's edit), :mod:`.heldout` (the
+teacher-forced check). :mod:`.detox` (toxicity down, the shipped preset) and :mod:`.concept`
+(any concept, up or down) are its instances.
 """
-from .builder import (Attribution, Candidate, Check, HeldOut, Sample, Target, attribute, build_spec, candidates,
-                      forced_samples, mark_toxic, next_token_effect, sample_continuations, spec_from, split_groups)
+from .attribution import Attribution, attribute
+from .builder import Target, build_spec, next_token_effect, split_groups
+from .edits import Candidate, candidates, spec_from
+from .heldout import Check, HeldOut
+from .samples import Sample, forced_samples, mark_toxic, sample_continuations
 from .concept import build_concept_spec, concept_target
 from .detox import TEMPLATE_WORDS, build_detox_spec, detox_target, docstring_openings, neutral_prompts, toxic_prompts
 
