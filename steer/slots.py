@@ -88,12 +88,16 @@ class SteeringSlots:
             d_ff = weight.shape[0]
             if self.edits_per_layer > d_ff:
                 self.edits_per_layer = d_ff
-            k, device = self.edits_per_layer, weight.device
+            k, device, dtype = self.edits_per_layer, weight.device, weight.dtype  # the model's dtype: no cast a step
             module.register_buffer("_steer_index", torch.arange(k, device=device), persistent=False)
-            module.register_buffer("_steer_mult", torch.ones(self.spec_rows, k, device=device), persistent=False)
-            module.register_buffer("_steer_add", torch.zeros(self.spec_rows, k, device=device), persistent=False)
+            module.register_buffer("_steer_mult", torch.ones(self.spec_rows, k, device=device, dtype=dtype),
+                                   persistent=False)
+            module.register_buffer("_steer_add", torch.zeros(self.spec_rows, k, device=device, dtype=dtype),
+                                   persistent=False)
             module.register_buffer("_steer_rows", torch.zeros(self.batch_rows, dtype=torch.long, device=device),
                                    persistent=False)
+        self._edited: set[int] = set()  # layers whose buffers hold more than the identity
+        self._row_map: tuple[int, int] | None = None  # (spec rows, factor) the rows buffers hold
 
     def _grow(self, edits: int, rows: int) -> None:
         edits_per_layer = max(self.edits_per_layer, _round_up(edits))
@@ -112,11 +116,11 @@ class SteeringSlots:
         rows = max([edit.mult.shape[0] for entry in self.active for edit in entry.values()], default=1)
         per_layer = _compose(self.active, rows)
         self._grow(max((len(index) for index, _, _ in per_layer.values()), default=0), rows)
-        for layer in range(self.adapter.n_layers):
+        for layer in sorted(set(per_layer) | self._edited):  # the rest already holds the identity
             module = self.adapter.ffn_out(layer)
             index, mult, add = per_layer.get(layer, ([], None, None))
             k = self.edits_per_layer
-            full_index = _padded(index, k, module._steer_mult.new_empty(0).device, self.adapter.value_vectors(layer).shape[0])
+            full_index = _padded(index, k, self.adapter.value_vectors(layer).shape[0])
             full_mult = torch.ones(self.spec_rows, k, dtype=torch.float64)
             full_add = torch.zeros(self.spec_rows, k, dtype=torch.float64)
             if index:
@@ -125,12 +129,16 @@ class SteeringSlots:
             module._steer_index.copy_(full_index)
             module._steer_mult.copy_(full_mult)
             module._steer_add.copy_(full_add)
+        self._edited = set(per_layer)
         self.rows = rows
         self.set_factor(self.factor)
 
     def set_factor(self, factor: int) -> None:
         """Batch row b uses spec row b // factor (factor = beams x return sequences; 1 spec row: all 0)."""
         self.factor = factor
+        if self._row_map == (self.rows, factor):
+            return
+        self._row_map = (self.rows, factor)
         batch = torch.arange(self.batch_rows)
         rows = torch.zeros_like(batch) if self.rows == 1 else (batch // factor).clamp(max=self.spec_rows - 1)
         for layer in range(self.adapter.n_layers):
@@ -174,11 +182,11 @@ def _round_up(n: int, minimum: int = 16) -> int:
     return size
 
 
-def _padded(index: list[int], k: int, device: torch.device, d_ff: int) -> torch.Tensor:
+def _padded(index: list[int], k: int, d_ff: int) -> torch.Tensor:
     """``index`` followed by distinct untouched coefficients up to length ``k`` (no duplicates to write)."""
-    used = set(index)
-    pad = [i for i in range(d_ff) if i not in used][: k - len(index)]
-    return torch.tensor(list(index) + pad, dtype=torch.long, device=device)
+    free = torch.ones(d_ff, dtype=torch.bool)
+    free[index] = False
+    return torch.cat([torch.tensor(index, dtype=torch.long), free.nonzero()[: k - len(index), 0]])
 
 
 def _compose(active: list[LayerEdits], rows: int):
