@@ -6,10 +6,12 @@
 ...     out = model.generate(**inputs, max_new_tokens=40)
 >>> stats.layers_saved_fraction
 
-Modules: ``maps`` (least-squares layer -> last-layer maps), ``features`` (cheap exit features),
-``rules`` (exit criteria), ``exit_model`` (what is fitted and saved), ``fit``, ``runtime`` (the
-early-exit forward and its KV cache), ``simulate`` and ``evaluate`` (curves and measurements),
-``corpus`` (offline prose from Python's docstrings), ``commands`` (the CLI).
+Modules: ``features`` (cheap exit features), ``probe`` (the exit classifier), ``rules`` (exit
+criteria), ``exit_model`` (what is fitted and saved), ``collect``, ``fit`` and ``calibrate``,
+``runtime`` (the early-exit forward), ``kv_schemes`` (how an exited position's skipped layers get
+their K/V), ``simulate`` (teacher-forced curves, threshold picking), ``corpus`` and ``selfgen``
+(text to fit on). The layer maps are ``steer.maps``; measuring is ``steer.evaluation.early_exit``
+and the CLI ``steer.ui.commands.early_exit``.
 """
 from .exit_model import ExitModel, load_exit_model
 from .fit import fit_exit_model

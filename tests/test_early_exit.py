@@ -11,6 +11,7 @@ from steer.generation import ExitModel, early_exit, fit_exit_model, load_exit_mo
 from steer.generation.probe import Probe
 from steer.generation.exit_model import fingerprint
 from steer.generation.fit import default_layers
+from steer.generation.kv_schemes import SCHEMES
 from steer.maps import LayerMaps, MapFitter
 from steer import Adapter, Spec, model_name, steering
 from steer.compat import CACHE_KWARG, cache_of, with_cache
@@ -159,6 +160,33 @@ def test_batched_rows_exit_at_different_layers_and_match_single_rows(model_type,
         assert stats.layers_saved_fraction == pytest.approx(stats.wanted_saved_fraction)
         wanted += stats.wanted_saved_fraction * stats.tokens
     assert batch_stats.wanted_saved_fraction == pytest.approx(wanted / batch_stats.tokens)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_a_kv_scheme_instance_equals_its_name(model_type, name):
+    """``propagate=`` takes a scheme object as well as its name: the same tokens, stats and cache,
+    and one object serves several blocks."""
+    model = deep(model_type, layers=5)
+    exit_model = exit_model_for(model, check=(1, 2, 3), seed=3, scale=4.0)
+    prompts = [[5, 17, 33, 8, 61, 12], [9, 40, 2 + 70], [44, 13, 27, 81, 6]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    scheme = SCHEMES[name]()
+    runs = []
+    for propagate in (name, scheme, scheme):
+        with early_exit(model, exit_model, 0.5, propagate=propagate) as stats:
+            out = greedy(model, ids, n=8, attention_mask=mask, return_dict_in_generate=True)
+        runs.append((out.sequences, stats, cache_of(out)))
+    assert len(runs[0][1].exit_layers) >= 2, "the rule should send rows to different layers"
+    for tokens, stats, cache in runs[1:]:
+        assert torch.equal(tokens, runs[0][0]) and stats == runs[0][1]
+        for mine, by_name in zip(cache.layers, runs[0][2].layers):
+            assert torch.equal(mine.keys, by_name.keys) and torch.equal(mine.values, by_name.values)
+    with pytest.raises(ValueError, match="propagate must be one of defer, hidden, mapped, recompute, not 'magic'"):
+        with early_exit(model, exit_model, 0.5, propagate="magic"):
+            pass
 
 
 @pytest.mark.parametrize("model_type,propagate", [("llama", "defer"), ("gpt2", "defer"), ("llama", "hidden"),
