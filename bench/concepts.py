@@ -68,8 +68,11 @@ FULL = Size(eval_prompts=None, samples=5, batch_size=500,
             build=dict(prompt_limit=None, samples=4, counts=(5, 10, 20, 40, 80), lams=(4.0, 16.0),
                        forced_per_prompt=6, mid_sample=1, batch_size=64),
             actadd_layers=tuple(range(2, 29, 4)), actadd_alphas_select=(0.1, 0.2, 0.4), actadd_select_prompts=40,
-            strengths={"prompting": (1, 2, 3), "logit-bias": (1, 2, 3, 4, 6), "act-add": (0.05, 0.1, 0.2, 0.3, 0.5),
-                       "ffn-ranking": (0.1, 0.25, 0.5, 0.75, 1), "ffn-built": (0.5, 1, 1.5, 2, 3, 4)},
+            # fine near each method's +10% perplexity edge (the previous full run's), so no method loses by its grid
+            strengths={"prompting": (1, 2, 3), "logit-bias": (1, 2, 3, 3.5, 4, 4.5, 5, 6),
+                       "act-add": (0.05, 0.1, 0.2, 0.3, 0.5, 0.6, 0.75, 1),
+                       "ffn-ranking": (0.1, 0.25, 0.35, 0.45, 0.5, 0.6, 0.75, 1),
+                       "ffn-built": (0.5, 1, 1.5, 2, 2.25, 2.5, 2.75, 3, 4)},
             topics=("computers", "food", "politics", "science", "sports"), compose_prompts=100)
 CPU = Size(eval_prompts=10, samples=2, batch_size=40,
            build=dict(prompt_limit=24, samples=2, counts=(5, 10, 20), lams=(4.0, 16.0), forced_per_prompt=3,

@@ -61,6 +61,7 @@ def measure(model, tokenizer, exit_model, args) -> dict:
     from steer import Adapter
     from steer.generation.corpus import docstring_text
     from steer.evaluation.early_exit import prepare, simulated_curves, teacher_forced, threshold_for
+    from steer.generation.simulate import budget_oracle, distribution_outcome
 
     n_layers = Adapter(model).n_layers
     threshold = exit_model.default_threshold
@@ -76,9 +77,12 @@ def measure(model, tokenizer, exit_model, args) -> dict:
         at = {rule: next(p for p in pts if p["threshold"] == threshold) for rule, pts in sim["points"].items()}
         real = teacher_forced(model, held, exit_model, "classifier", threshold, args.real_chunks,
                               prompt_positions=1)  # the first position plays the prompt (attention sink)
+        ceiling = budget_oracle(held.stats.kl, held.records.layers, n_layers, math.log(1 + args.target_ppl_rise))
+        at_budget = distribution_outcome(ceiling, held.stats, held.full_nll, held.records.layers, n_layers)
         conf_t = threshold_for(sim["curves"]["confidence"])
         conf = next(p for p in sim["points"]["confidence"] if p["threshold"] == conf_t)
         out[name] = {"tokens": int(held.correct.shape[0]), "oracle_saved": sim["oracle_saved"],
+                     "oracle_at_ppl_budget": at_budget,
                      "saved_at_95": sim["saved_at_95"], "classifier_sim": at["classifier"],
                      "confidence_at_95": conf, "real": real,
                      "ppl_rise_real": real["perplexity"] / real["perplexity_full"] - 1,
@@ -88,16 +92,18 @@ def measure(model, tokenizer, exit_model, args) -> dict:
 
 
 def table(work: dict, threshold: float) -> str:
-    head = (f"{'workload':<9}{'tokens':>7}{'oracle':>8}{'conf@95':>9}{'cls@95':>8} | t={threshold:<5}{'saved':>7}"
+    head = (f"{'workload':<9}{'tokens':>7}{'oracle':>8}{'orc@ppl':>8}{'conf@95':>9}{'cls@95':>8} | t={threshold:<5}{'saved':>7}"
             f"{'agree':>7}{'KL':>7}{'ppl+':>7} | {'saved*':>7}{'agree*':>7}{'KL*':>7}{'ppl+*':>7}")
     lines = [head, "-" * len(head)]
     for name, r in work.items():
         c, real = r["classifier_sim"], r["real"]
-        lines.append(f"{name:<9}{r['tokens']:>7}{r['oracle_saved']:>8.1%}{r['saved_at_95']['confidence']:>9.1%}"
+        budget = r.get("oracle_at_ppl_budget", {}).get("saved", float("nan"))
+        lines.append(f"{name:<9}{r['tokens']:>7}{r['oracle_saved']:>8.1%}{budget:>8.1%}{r['saved_at_95']['confidence']:>9.1%}"
                      f"{r['saved_at_95']['classifier']:>8.1%} | {'':<7}{c['saved']:>7.1%}{c['agreement']:>7.1%}"
                      f"{c['kl']:>7.3f}{c['ppl_rise']:>+7.1%} | {real['saved']:>7.1%}{real['agreement']:>7.1%}"
                      f"{real['kl']:>7.3f}{r['ppl_rise_real']:>+7.1%}")
-    lines.append("oracle: simulated ceiling; conf@95 / cls@95: saved at >= 95% agreement (simulated, best threshold on "
+    lines.append("oracle: simulated ceiling (top-1 settled); orc@ppl: ceiling within the perplexity budget (mean "
+                 "KL(full||exit) <= log(1 + target), each token at its best layer); conf@95 / cls@95: saved at >= 95% agreement (simulated, best threshold on "
                  "this workload); then the fitted threshold, simulated and real (* = real early exit, teacher forced, "
                  "K/V exact); KL in nats a token; ppl+: perplexity rise of the text under the exit distributions")
     return "\n".join(lines)

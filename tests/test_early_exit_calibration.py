@@ -123,3 +123,26 @@ def test_sample_texts_strips_padding_and_marks_the_prompt():
     assert [s.prompt_len for s in samples] == [3, 1]
     assert samples[0].ids[0, :3].tolist() == [5, 6, 7] and samples[1].ids[0, 0].item() == 8
     assert all(s.ids.shape[1] <= s.prompt_len + 5 for s in samples)
+
+
+def test_budget_oracle_saves_the_most_within_its_kl_budget_and_nothing_at_zero():
+    from steer.generation.simulate import budget_oracle, first_exit
+
+    rng = np.random.default_rng(0)
+    layers, n_layers = [4, 8, 12], 16
+    kl = rng.exponential([1.0, 0.5, 0.1], size=(2000, 3))
+    skipped = lambda exits: float((n_layers - 1 - exits).mean())
+    chosen = lambda exits: float(sum(np.where(exits == layer, kl[:, j], 0.0) for j, layer in enumerate(layers)).mean())
+    assert (budget_oracle(kl, layers, n_layers, 0.0) == n_layers - 1).all()
+    assert (budget_oracle(kl, layers, n_layers, 1e9) == layers[0]).all()
+    for budget in (0.02, 0.1, 0.3):
+        exits = budget_oracle(kl, layers, n_layers, budget)
+        assert chosen(exits) <= budget + 1e-9
+        # no single-layer threshold rule within the same budget skips more
+        for j in range(len(layers)):
+            for t in np.quantile(kl[:, j], np.linspace(0, 1, 21)):
+                fires = np.zeros_like(kl, dtype=bool)
+                fires[:, j] = kl[:, j] <= t
+                rule = first_exit(fires, layers, n_layers)
+                if chosen(rule) <= budget:
+                    assert skipped(rule) <= skipped(exits) + 1e-9
