@@ -52,10 +52,6 @@ class TokenStats:
     kl: np.ndarray  # (N, n_check) KL(full || calibrated exit distribution), nats
     nll: np.ndarray  # (N, n_check) -log of the next token under the calibrated exit distribution (nan: none)
 
-    def rows(self, index: np.ndarray) -> "TokenStats":
-        """The stats of these token rows only."""
-        return TokenStats(self.correct[index], self.top_prob[index], self.kl[index], self.nll[index])
-
 
 def token_stats(mapped: torch.Tensor, full_logprobs: torch.Tensor, beta: float, next_ids: torch.Tensor,
                 top1: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

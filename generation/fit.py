@@ -33,18 +33,12 @@ from .corpus import token_chunks
 from .exit_model import ExitModel, fingerprint
 from .features import SCALARS, check_feature_set, direction, scalar_features
 from steer.maps import LayerMaps, MapFitter
-from .probe import held_back, train_probe
+from .probe import train_probe
 from .calibrate import TokenStats, fit_inverse_temperature, token_stats
 from .selfgen import Sample, own_text
 from .simulate import classifier_exits, distribution_outcome, oracle_exits, outcome, pick_threshold
 
 THRESHOLDS = tuple(round(x, 3) for x in np.linspace(0.0, 1.0, 101))
-# What the classifier learns to predict at a check layer: the exit there is "settled" when the
-# mapped top-1 equals the full model's and, if a bound is given, KL(full || exit) is at most it
-# (nats). The fit trains one classifier per bound and keeps the one whose held-back curve saves the
-# most while meeting the targets: a top-1 label alone exits where the top-1 has settled but the
-# distribution, which sampling draws from, has not.
-LABEL_KL = (None, 0.5, 0.25, 0.1)
 
 
 @dataclass
@@ -232,40 +226,32 @@ def fit_exit_model(model, tokenizer, text: str | None = None, *, samples: list[S
         records = record(model, chunks, layers, fitters, progress=progress, prompt_lens=prompt_lens)
         records = records.select(records.scored)  # decisions are made on generated positions only
         fold_maps = [f.solve() for f in fitters]
-        val, train = held_back(records.top1.shape[0], seed=seed)
-        betas = fit_temperatures(model, records.select(train), fold_maps) if calibrate else [1.0] * len(layers)
-        stats = mapped_stats(model, records, fold_maps, betas)  # out of fold, calibrated, every fit token
-        correct = stats.correct
+        raw = mapped_stats(model, records, fold_maps)
+        correct = raw.correct
         device = adapter.unembed.weight.device
         features = torch.stack([torch.from_numpy(records.features(j, feature_set)) for j in range(len(layers))], 1)
-        features = features.to(device)
-        full_nll = -records.logprob_next[val].numpy().astype(float)
-        held = stats.rows(val.numpy())
-        tried = []
-        for label_kl in LABEL_KL:
-            label = correct if label_kl is None else correct & (stats.kl <= label_kl)
-            probe, weight, bias, _, val_logodds = train_probe(features, torch.from_numpy(label).to(device),
-                                                              hidden=hidden, val=val, seed=seed)
-            curve = [dict(threshold=t, **distribution_outcome(classifier_exits(val_logodds, layers, n_layers, t), held,
-                                                              full_nll, layers, n_layers)) for t in THRESHOLDS]
-            default = pick_threshold(curve, target_agreement, target_kl, target_ppl_rise)
-            saved = next(p["saved"] for p in curve if p["threshold"] == default)
-            tried.append((saved, label_kl, probe, weight, bias, curve, default))
+        probe, weight, bias, val, val_logodds = train_probe(features.to(device), torch.from_numpy(correct).to(device),
+                                                            hidden=hidden)
         del features
-        saved, label_kl, probe, weight, bias, curve, default = max(tried, key=lambda t: t[0])  # first wins ties
-        raw_val = mapped_stats(model, records.select(val), fold_maps).nll
+        train = torch.from_numpy(np.setdiff1d(np.arange(correct.shape[0]), val))
+        betas = fit_temperatures(model, records.select(train), fold_maps) if calibrate else [1.0] * len(layers)
+        held = records.select(torch.from_numpy(val))
+        cal = mapped_stats(model, held, fold_maps, betas)
+    full_nll = -held.logprob_next.numpy().astype(float)
+    curve = [dict(threshold=t, **distribution_outcome(classifier_exits(val_logodds, layers, n_layers, t), cal, full_nll,
+                                                      layers, n_layers)) for t in THRESHOLDS]
+    default = pick_threshold(curve, target_agreement, target_kl, target_ppl_rise)
     combined = MapFitter(d_model, ridge).merge(fitters[0]).merge(fitters[1])
+    raw_val = raw.nll[val]
     info = {
         "tokens": tokens, "scored_tokens": int(correct.shape[0]), "source": source, "chunk": chunk, "ridge": ridge,
         "hidden": hidden, "features": (list(SCALARS) if feature_set == "ffn" else []) + ["direction"],
         "text_sha1": digest, "spec": None if spec is None else spec.name,
         "map_agreement": {str(layer): round(float(correct[:, j].mean()), 4) for j, layer in enumerate(layers)},
         "oracle_saved": round(outcome(oracle_exits(correct, layers, n_layers), correct, layers, n_layers)[0], 4),
-        "label_kl": label_kl,
-        "label_kl_tried": {str(t[1]): round(t[0], 4) for t in tried},
         "target_agreement": target_agreement, "target_kl": target_kl, "target_ppl_rise": target_ppl_rise,
         # per check layer, mean NLL of the next token on held-back tokens: uncalibrated, calibrated
-        "exit_nll": {str(layer): [round(float(np.nanmean(raw_val[:, j])), 4), round(float(np.nanmean(held.nll[:, j])), 4)]
+        "exit_nll": {str(layer): [round(float(np.nanmean(raw_val[:, j])), 4), round(float(np.nanmean(cal.nll[:, j])), 4)]
                      for j, layer in enumerate(layers)},
         "calibration": [[p["threshold"], round(p["saved"], 4), round(p["agreement"], 4), round(p["kl"], 4),
                          round(p["ppl_rise"], 4)] for p in curve],

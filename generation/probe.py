@@ -51,23 +51,14 @@ class Probe:
         return {k: getattr(self, k) for k in ("mu", "sd", "w1", "b1", "emb", "w2", "b2")}
 
 
-def held_back(n: int, fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(validation, training)`` token indices: a random ``fraction`` of ``n`` held back."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(n * fraction))
-    return order[:n_val], order[n_val:]
-
-
 def train_probe(x: torch.Tensor, y: torch.Tensor, hidden: int = 128, epochs: int = 40, patience: int = 3,
                 batch: int = 256, lr: float = 1e-3, weight_decay: float = 1e-2, val_fraction: float = 0.1,
-                seed: int = 0, val: torch.Tensor | None = None
-                ) -> tuple[Probe | None, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+                seed: int = 0) -> tuple[Probe | None, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Fit on features ``x (N, n_check, F)`` and labels ``y (N, n_check)``; stop on a validation split.
 
     Returns ``(probe or None, head weights (n_check, h or F), head biases (n_check,), validation
     token indices, their log-odds (n_val, n_check))``: the validation predictions are out of
-    sample, so they calibrate the threshold. ``val``: the validation token indices (default: a
-    random ``val_fraction`` drawn with ``seed``, :func:`held_back`). Without a hidden layer the standardisation is folded
+    sample, so they calibrate the threshold. Without a hidden layer the standardisation is folded
     into the weights (``log-odds = x @ w + b``, the runtime's cheap path).
     """
     if x.shape[0] < 20:
@@ -76,11 +67,9 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, hidden: int = 128, epochs: int
     generator = torch.Generator().manual_seed(seed)
     x, y = x.float(), y.float()
     n, n_check, width = x.shape
-    if val is None:
-        val, _ = held_back(n, val_fraction, seed)
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[val] = False
-    val, train = torch.as_tensor(val).to(device), keep.nonzero()[:, 0].to(device)
+    order = torch.randperm(n, generator=generator).to(device)
+    n_val = max(1, int(n * val_fraction))
+    val, train = order[:n_val], order[n_val:]
     mu, sd = x[train].mean((0, 1)), x[train].std((0, 1)) + 1e-6
     torch.manual_seed(seed)
     params: dict[str, torch.nn.Parameter] = {}
