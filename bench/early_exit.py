@@ -162,7 +162,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default="runs/early_exit")
-    parser.add_argument("--exit-model", default=None, help="reuse this exit model folder instead of fitting")
+    parser.add_argument("--exit-model", default=None, help="reuse the exit models of an earlier run (its --out: exit-plain, "
+                                                              "exit-steered) instead of fitting")
     parser.add_argument("--fit-tokens", type=int, default=None, help="own-sample tokens to fit on (131072 on "
                                                                       "cuda, 6144 on cpu)")
     parser.add_argument("--target-ppl-rise", type=float, default=0.08)
@@ -199,8 +200,8 @@ def main() -> None:
                 continue
             folder = out / f"exit-{kind}"
             start = time.perf_counter()
-            if args.exit_model and kind == "plain":
-                exits[kind] = load_exit_model(args.exit_model)
+            if args.exit_model and (Path(args.exit_model) / f"exit-{kind}").exists():
+                exits[kind] = load_exit_model(Path(args.exit_model) / f"exit-{kind}")
             else:
                 exits[kind] = fit_exit_model(model, tokenizer, max_tokens=args.fit_tokens, batch=args.batch,
                                              target_ppl_rise=args.target_ppl_rise,

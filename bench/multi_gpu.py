@@ -11,12 +11,7 @@ Then every grid point's summary (timings aside) and every continuation must be i
 the three, and each prompt must be recorded exactly once. Last line:
 ``RESULT speedup_2gpu=<single s / multi s> identical=<1|0> processes=N gpus=<visible GPUs>``.
 
-``--share-gpu``: N processes on one GPU (the single-GPU machine; the barrier then goes over gloo,
-each process puts its model on ``cuda:0``). It proves the sharding and the merge on real CUDA
-kernels; the speed-up it prints is not a multi-GPU one.
-
     python bench/multi_gpu.py --model MODEL.gguf --out $OUT/mg                    # 2 GPUs
-    python bench/multi_gpu.py --model MODEL.gguf --out $OUT/mg --share-gpu        # 1 GPU, 2 processes
     python bench/multi_gpu.py --prompts 8 --samples 2 --out /tmp/mg               # CPU, a smoke test
 """
 from __future__ import annotations
@@ -36,12 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def write_config(args, out: Path, device: str | None) -> Path:
+def write_config(args, out: Path) -> Path:
     config = dict(model=args.model, judge="self", limit=args.prompts, samples=args.samples,
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, scorer=args.scorer, out=str(out),
                   grid=dict(intervention=["none", "preset"], strength=[0.5, 1.0, 1.5]))
-    if device:
-        config["device"] = device
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -56,8 +49,6 @@ def launch(args, config: Path, processes: int, kill_after: float | None = None) 
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "-m", "steer", "sweep", str(config), "--quiet"]
-        if args.share_gpu:
-            env["ACCELERATE_USE_CPU"] = "1"  # gloo for the barrier: NCCL refuses two ranks on one GPU
     start = time.perf_counter()
     proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -97,7 +88,6 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder or .gguf (default: the embedded model)")
     parser.add_argument("--out", default="runs/multi_gpu")
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--share-gpu", action="store_true", help="all processes on one GPU (see the docstring)")
     parser.add_argument("--prompts", type=int, default=400)
     parser.add_argument("--samples", type=int, default=25)
     parser.add_argument("--max-new-tokens", type=int, default=20)
@@ -109,8 +99,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = "cuda:0" if args.share_gpu else None
-    runs = {name: write_config(args, out / name, device) for name in ("single", "multi", "resumed")}
+    runs = {name: write_config(args, out / name) for name in ("single", "multi", "resumed")}
     seconds = {"single": launch(args, runs["single"], 1)}
     print(f"single process: {seconds['single']:.1f} s", flush=True)
     seconds["multi"] = launch(args, runs["multi"], args.processes)
@@ -136,10 +125,10 @@ def main() -> None:
               f"ppl {s.get('perplexity', float('nan')):.2f} |")
     print(f"identical to the single process: {same}; every prompt exactly once: {complete}")
     (out / "multi_gpu.json").write_text(json.dumps(dict(seconds=seconds, batches_before_kill=done, identical=identical, same=same,
-                                                        processes=args.processes, share_gpu=args.share_gpu,
+                                                        processes=args.processes,
                                                         gpus=torch.cuda.device_count()), indent=1))
     print(f"RESULT speedup_2gpu={seconds['single'] / seconds['multi']:.3f} identical={identical} "
-          f"processes={args.processes} gpus={torch.cuda.device_count()}{' shared' if args.share_gpu else ''}")
+          f"processes={args.processes} gpus={torch.cuda.device_count()}")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,10 @@ def process_shard() -> tuple[int, int, Callable[[], None]]:
 
     # without cpu=True accelerate ignores the launch when there is no GPU and runs each process alone
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    if not cpu and torch.cuda.device_count() < local:  # else rank k dies deep in torch on cuda:k
+        raise SteerError(f"{local} processes on this machine but {torch.cuda.device_count()} visible GPU(s): each "
+                         f"process needs its own GPU (accelerate launch --num_processes {torch.cuda.device_count()})")
     state = PartialState(cpu=cpu)
     return state.process_index, state.num_processes, state.wait_for_everyone
 

@@ -266,3 +266,16 @@ def test_embedded_model_protocol_numbers_are_sane_and_both_perplexity_paths_agre
     assert 1 < plain["perplexity"] < 200 and 0 <= plain["emt"] <= 1 and 0 < plain["generated_tokens"] <= 24
     assert judged["perplexity"] == pytest.approx(plain["perplexity"], rel=1e-3)
     assert judged["distinct_1"] == plain["distinct_1"] and judged["emt"] == plain["emt"]
+
+
+def test_more_processes_than_gpus_is_a_clear_error_before_any_device_is_touched(monkeypatch):
+    from steer.errors import SteerError
+    from steer.evaluation.protocol import process_shard
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SteerError, match="2 processes on this machine but 1 visible GPU"):
+        process_shard()
