@@ -341,7 +341,7 @@ def top_tokens(spec_path: Path, n_edits: int = 8) -> str:
 
 
 def score(args) -> dict:
-    from steer.evaluation.steer_eval import load_run, markdown_table, summarize_records
+    from steer.evaluation.steer_eval import load_run, summarize_records
 
     out = Path(args.out)
     report = {task: score_task(out, task) for task in ("sentiment", "topic")}

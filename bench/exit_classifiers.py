@@ -8,7 +8,7 @@ classifier), linear probes and MLPs trained with AdamW, on 8k / 32k / all fit to
 residual direction alone, plus the previous check layer's direction, or plus the FFN statistics.
 Minutes on an H100; results in docs/early_exit.md.
 """
-import sys, time, math
+import sys, time
 import numpy as np
 import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))

@@ -31,7 +31,7 @@ from typing import Any
 
 from steer.errors import MissingFileError, ModelLoadError, SteerError
 from steer.inputs import load_data, number, whole
-from steer.spec import Edit, Spec
+from steer.spec import Spec
 
 GRID_KEYS = ("intervention", "strength", "n_vectors", "early_exit")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")

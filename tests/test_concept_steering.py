@@ -2,7 +2,6 @@
 and judges, the builder for any concept (never on evaluation prompts), and the CLI."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import save_tiny, tiny_model
+from conftest import save_tiny
 from steer import Adapter, UnsupportedModelError, family_of, load_model
 from steer.models import embedded_gguf
 

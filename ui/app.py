@@ -22,7 +22,7 @@ import gradio as gr  # noqa: E402
 from steer import SpecError  # noqa: E402
 from steer.inputs import integer, number  # noqa: E402
 
-from .engine import (BY_INDEX, BY_SCORE, COLUMNS, MODES, PRESET, PROMOTE, SUPPRESS, WORDS,  # noqa: E402
+from .engine import (BY_INDEX, BY_SCORE, COLUMNS, MODES, PRESET, WORDS,  # noqa: E402
                      Continuation, Sampling, SteerDemo)
 
 log = logging.getLogger(__name__)

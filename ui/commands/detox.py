@@ -1,7 +1,6 @@
 """``steer detox ...``: build a detox intervention for a model, or show what one does."""
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 

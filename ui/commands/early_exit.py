@@ -1,7 +1,6 @@
 """``steer early-exit fit|eval`` and ``steer generate`` (with optional steering and early exit)."""
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 

@@ -10,11 +10,15 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from steer.ui.commands import real
 from steer.ui.commands.vectors import add_model_args
+
+if TYPE_CHECKING:
+    from steer.evaluation.sweep import SweepConfig
 
 
 def _interventions(values: list[str] | None) -> list[str]:
