@@ -208,6 +208,9 @@ def early_exit(model: torch.nn.Module, exit_model: "ExitModel", threshold: float
     exit_model.check_model(model)
     if positions not in ("last", "all"):
         raise ValueError(f"positions must be 'last' or 'all', not {positions!r}")
+    if type(propagate) is KVScheme:  # its defaults write no K/V for skipped layers: the cache would go stale
+        raise ValueError("KVScheme is the base of the schemes, it fills no K/V: pass Defer(), HiddenState(), "
+                         "MappedState(), Recompute() or a subclass")
     if isinstance(propagate, KVScheme):
         scheme = copy.copy(propagate)  # a block's state lives in its copy: one instance can serve several blocks
     elif propagate in PROPAGATE:

@@ -11,7 +11,7 @@ from steer.generation import ExitModel, early_exit, fit_exit_model, load_exit_mo
 from steer.generation.probe import Probe
 from steer.generation.exit_model import fingerprint
 from steer.generation.fit import default_layers
-from steer.generation.kv_schemes import SCHEMES
+from steer.generation.kv_schemes import SCHEMES, KVScheme
 from steer.maps import LayerMaps, MapFitter
 from steer import Adapter, Spec, model_name, steering
 from steer.compat import CACHE_KWARG, cache_of, with_cache
@@ -186,6 +186,9 @@ def test_a_kv_scheme_instance_equals_its_name(model_type, name):
             assert torch.equal(mine.keys, by_name.keys) and torch.equal(mine.values, by_name.values)
     with pytest.raises(ValueError, match="propagate must be one of defer, hidden, mapped, recompute, not 'magic'"):
         with early_exit(model, exit_model, 0.5, propagate="magic"):
+            pass
+    with pytest.raises(ValueError, match="KVScheme is the base of the schemes"):
+        with early_exit(model, exit_model, 0.5, propagate=KVScheme()):
             pass
 
 
