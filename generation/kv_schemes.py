@@ -281,8 +281,9 @@ class HiddenState(KVScheme):
     go on, the layers run on that state (and so write its K/V); once every row exited, each
     skipped layer only writes its K/V for it. The entries are produced by the layer's own code,
     stopped right after it writes the cache (the cache is handed over behind a proxy whose
-    ``update`` stores them and raises), so any family works without per-family code. Cheaper than :class:`Defer` (nothing rides along later), but later tokens see K/V the full
-    model never computes. docs/early_exit.md: 15.8% saved, top-1 agreement 71.1% (93.6% with
+    ``update`` stores them and raises), so any family works without per-family code. Cheaper
+    than :class:`Defer` (nothing rides along later), but later tokens see K/V the full model
+    never computes. docs/early_exit.md: 15.8% saved, top-1 agreement 71.1% (93.6% with
     :class:`Defer`), perplexity 69.1 (60.0; the full model's 46.7).
 
     >>> from steer.generation import early_exit
