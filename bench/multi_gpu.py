@@ -40,7 +40,7 @@ def write_config(args, out: Path) -> Path:
     return path
 
 
-def launch(args, config: Path, processes: int, kill_after: float | None = None) -> float:
+def launch(config: Path, processes: int, kill_after: float | None = None) -> float:
     """Run the sweep; with ``kill_after``, SIGKILL it then (returns the seconds it ran)."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     if processes == 1:
@@ -53,14 +53,16 @@ def launch(args, config: Path, processes: int, kill_after: float | None = None) 
     proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        stdout, stderr = proc.communicate(timeout=kill_after)
+        _, stderr = proc.communicate(timeout=kill_after)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         ran = time.perf_counter() - start
         proc.communicate()
         return ran
-    if proc.returncode != 0:
-        raise SystemExit(f"sweep failed ({' '.join(command)}):\n{stderr[-4000:]}")
+    if proc.returncode != 0:  # torchrun's own report buries a rank's traceback: keep all of it
+        log = config.with_suffix(".stderr.log")
+        log.write_text(stderr)
+        raise SystemExit(f"sweep failed ({' '.join(command)}), whole stderr in {log}:\n{stderr[-4000:]}")
     return time.perf_counter() - start
 
 
@@ -100,15 +102,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {name: write_config(args, out / name) for name in ("single", "multi", "resumed")}
-    seconds = {"single": launch(args, runs["single"], 1)}
+    seconds = {"single": launch(runs["single"], 1)}
     print(f"single process: {seconds['single']:.1f} s", flush=True)
-    seconds["multi"] = launch(args, runs["multi"], args.processes)
+    seconds["multi"] = launch(runs["multi"], args.processes)
     print(f"{args.processes} processes: {seconds['multi']:.1f} s", flush=True)
     kill_after = args.kill_after or seconds["multi"] / 2
-    ran = launch(args, runs["resumed"], args.processes, kill_after=kill_after)
+    ran = launch(runs["resumed"], args.processes, kill_after=kill_after)
     done = sum(shard.read_text().count('"done": true') for shard in (out / "resumed").glob("*/records-rank*.jsonl"))
     print(f"killed after {ran:.1f} s with {done} batches written; resuming", flush=True)
-    seconds["resume"] = launch(args, runs["resumed"], args.processes)
+    seconds["resume"] = launch(runs["resumed"], args.processes)
     print(f"resumed run finished in {seconds['resume']:.1f} s", flush=True)
 
     results = {name: collected(out / name) for name in runs}

@@ -56,8 +56,9 @@ def budget_oracle(kl: np.ndarray, layers: list[int], n_layers: int, max_mean_kl:
         return np.where(take, np.asarray(layers)[best], n_layers - 1), float(chosen.mean()) if chosen.size else 0.0
 
     low, high = 1e-4, 1e8
-    if exits(low)[1] <= max_mean_kl:
-        return exits(low)[0]
+    cheapest, spent = exits(low)
+    if spent <= max_mean_kl:
+        return cheapest
     for _ in range(60):
         mid = (low * high) ** 0.5
         low, high = (low, mid) if exits(mid)[1] <= max_mean_kl else (mid, high)
